@@ -1,0 +1,36 @@
+"""vpeft: parameter-efficient fine-tuning for vision and vision-language models, built on timm and open_clip.
+
+Typical use::
+
+    import vpeft
+    model = vpeft.create_backbone("timm:vit_base_patch16_224", pretrained=True, num_classes=37)
+    pm = vpeft.get_peft_model(model, [vpeft.LoraConfig(r=8, targets=["q", "v"])], trainable_extra=["head"])
+    pm.print_trainable_parameters()
+"""
+
+__version__ = "0.1.0"
+
+from .backbones import BackboneSpec, Site, create_backbone, get_spec, list_backbones, register_backbone
+from .methods import (
+    Adapter,
+    AdapterLayer,
+    BitFitConfig,
+    DiffFitConfig,
+    ForwardContext,
+    LNTuneConfig,
+    LoraConfig,
+    Method,
+    PeftConfig,
+    PeftModel,
+    SSFConfig,
+    VPTConfig,
+    get_method,
+    get_peft_model,
+    list_methods,
+    register_method,
+)
+
+__all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "DiffFitConfig", "ForwardContext",
+           "LNTuneConfig", "LoraConfig", "Method", "PeftConfig", "PeftModel", "SSFConfig", "Site", "VPTConfig",
+           "__version__", "create_backbone", "get_method", "get_peft_model", "get_spec", "list_backbones",
+           "list_methods", "register_backbone", "register_method"]

@@ -1,0 +1,1 @@
+"""vpeft.datasets (filled by later issues)."""

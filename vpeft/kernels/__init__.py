@@ -1,0 +1,1 @@
+"""vpeft.kernels (filled by later issues)."""

@@ -1,0 +1,122 @@
+"""Shared machinery of the weight-delta family (LoRA, DoRA, Block-LoRA, Comp-LoRA): output slices of a fused
+projection, the base weight behind a site, and an adapter base class that adds ``x -> delta(x)`` into slices."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+
+from .base import Adapter, Method
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..backbones import BackboneSpec, Site
+    from .layers import AdapterLayer
+
+
+def site_weight(layer_or_module: nn.Module) -> tuple[nn.Parameter, Optional[nn.Parameter]]:
+    """The (weight, bias) whose product with the site input gives the site output: a Linear's
+    ``weight``/``bias`` or a packed attention's ``in_proj_weight``/``in_proj_bias`` (output-features first)."""
+    from .layers import unwrap
+
+    m = unwrap(layer_or_module)
+    if hasattr(m, "in_proj_weight"):
+        return m.in_proj_weight, m.in_proj_bias
+    return m.weight, m.bias
+
+
+def slices_of(sites: list[Site], out_features: int) -> dict[str, tuple[int, int]]:
+    """Slice name -> (start, stop) for a group of sites on one module; the whole output is ``"w"``."""
+    out = {}
+    for s in sites:
+        if s.out_slice is None:
+            return {"w": (0, out_features)}
+        out[s.name] = s.out_slice
+    return dict(sorted(out.items(), key=lambda kv: kv[1][0]))
+
+
+def add_into_slices(y: torch.Tensor, slices: dict[str, tuple[int, int]], deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``y`` with ``deltas[name]`` added on ``y[..., start:stop]`` for each slice; out of place (autograd-safe)."""
+    if "w" in slices:
+        return y + deltas["w"]
+    parts, pos = [], 0
+    for name, (a, b) in slices.items():
+        if a > pos:
+            parts.append(y[..., pos:a])
+        parts.append(y[..., a:b] + deltas[name])
+        pos = b
+    if pos < y.shape[-1]:
+        parts.append(y[..., pos:])
+    return torch.cat(parts, dim=-1)
+
+
+class WeightDeltaMethod(Method):
+    """Common resolution for weight-delta methods: Linear sites and the q/k/v slices of packed projections."""
+
+    site_kinds = ("linear", "packed_attn")
+    mergeable = True
+    default_targets = ("q", "v")
+
+    def check_rank(self, sites: list[Site], module: nn.Module, r: int) -> tuple[dict[str, tuple[int, int]], int]:
+        w, _ = site_weight(module)
+        slices = slices_of(sites, w.shape[0])
+        in_f = w.shape[1]
+        for name, (a, b) in slices.items():
+            if r > min(in_f, b - a):
+                raise ValueError(f"{type(self.config).__name__}: rank r={r} is larger than the layer at "
+                                 f"{sites[0].path!r} (slice {name!r}: {b - a} x {in_f}); use r <= {min(in_f, b - a)}")
+        return slices, in_f
+
+
+class SliceDeltaAdapter(Adapter):
+    """Adds a low-rank ``scaling * B (A x)`` into each output slice. Subclasses provide ``factors()``."""
+
+    mergeable = True
+
+    def __init__(self, site: Site, slices: dict[str, tuple[int, int]], scaling: float, dropout: float) -> None:
+        super().__init__(site)
+        self.slices = slices
+        self.scaling = scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Slice name -> (A (r, in), B (out_slice, r))."""
+        raise NotImplementedError
+
+    def deltas(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Slice name -> ``scaling * B A x``; the down-projections of all slices run as one matmul over x."""
+        f = self.factors()
+        names = list(f)
+        a_all = torch.cat([f[n][0] for n in names], dim=0) if len(names) > 1 else f[names[0]][0]
+        h = self.dropout(x) @ a_all.t()
+        out, pos = {}, 0
+        for n in names:
+            a, b = f[n]
+            out[n] = (h[..., pos:pos + a.shape[0]] @ b.t()) * self.scaling
+            pos += a.shape[0]
+        return out
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return add_into_slices(y, self.slices, self.deltas(x))
+
+    def delta_weight(self) -> dict[str, torch.Tensor]:
+        """Slice name -> ``scaling * B @ A`` (out_slice, in)."""
+        return {n: (b @ a) * self.scaling for n, (a, b) in self.factors().items()}
+
+    def _apply_delta(self, layer: AdapterLayer, sign: float) -> None:
+        w, _ = site_weight(layer)
+        for n, d in self.delta_weight().items():
+            a, b = self.slices[n]
+            w.data[a:b] += sign * d.to(w.dtype)
+
+    def merge(self, layer: AdapterLayer) -> None:  # noqa: D102
+        self._apply_delta(layer, 1.0)
+
+    def unmerge(self, layer: AdapterLayer) -> None:  # noqa: D102
+        self._apply_delta(layer, -1.0)
+
+
+def spec_width(spec: BackboneSpec, site: Site) -> int:
+    """Token width of the tower a site belongs to."""
+    return spec.towers[site.tower].width

@@ -1,0 +1,1 @@
+"""vpeft.modules (filled by later issues)."""
