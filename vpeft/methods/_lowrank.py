@@ -36,7 +36,8 @@ def slices_of(sites: list[Site], out_features: int) -> dict[str, tuple[int, int]
     return dict(sorted(out.items(), key=lambda kv: kv[1][0]))
 
 
-def add_into_slices(y: torch.Tensor, slices: dict[str, tuple[int, int]], deltas: dict[str, torch.Tensor]) -> torch.Tensor:
+def add_into_slices(y: torch.Tensor, slices: dict[str, tuple[int, int]],
+                    deltas: dict[str, torch.Tensor]) -> torch.Tensor:
     """``y`` with ``deltas[name]`` added on ``y[..., start:stop]`` for each slice; out of place (autograd-safe)."""
     if "w" in slices:
         return y + deltas["w"]

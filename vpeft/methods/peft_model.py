@@ -337,7 +337,7 @@ def get_peft_model(
     pm._requires_grad = requires_grad
     for p in model.parameters():
         p.requires_grad_(False)
-    for key, method, shared, built in plan:
+    for key, _method, shared, built in plan:
         pm.method_keys.append(key)
         if shared is not None:
             pm.shared[key] = shared
