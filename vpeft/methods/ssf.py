@@ -78,7 +78,7 @@ class AffineAdapter(Adapter):
         if self.site.kind in ("linear", "packed_attn"):
             return site_weight(layer)
         m = _unwrap(layer)
-        return m.weight, m.bias
+        return m.weight, getattr(m, "bias", None)
 
     def merge(self, layer) -> None:  # noqa: D102
         w, b = self._params(layer)

@@ -1,0 +1,90 @@
+"""Tiny backbones shared by the test suite (DESIGN section 8): built in fixtures, never downloaded."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn as nn
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_CLIP = "vpeft-tiny-ViT"
+TINY_CLIP_CFG = dict(
+    embed_dim=32,
+    vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=8, head_width=16),
+    text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=4, layers=2),
+)
+
+
+def register_tiny_clip() -> None:
+    # open_clip.add_model_config only reads JSON files; the registry dict takes a config directly.
+    from open_clip.factory import _MODEL_CONFIGS
+
+    _MODEL_CONFIGS.setdefault(TINY_CLIP, TINY_CLIP_CFG)
+
+
+def make_timm(seed: int = 0, **kw) -> nn.Module:
+    """A depth-2, width-64 timm ViT on 32x32 images (patch 8 -> 16 tokens + class token)."""
+    import vpeft
+
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+    args.update(kw)
+    return vpeft.create_backbone("timm:vit_tiny_patch16_224", **args).eval()
+
+
+def make_clip(seed: int = 0) -> nn.Module:
+    """A tiny open_clip CLIP (2-block towers, width 64) registered as ``open_clip:vpeft-tiny-ViT``."""
+    import vpeft
+
+    register_tiny_clip()
+    torch.manual_seed(seed)
+    return vpeft.create_backbone(f"open_clip:{TINY_CLIP}").eval()
+
+
+@dataclass
+class Case:
+    """A tiny backbone with its input and the call that produces its output."""
+
+    name: str
+    build: Callable[[int], nn.Module]
+    make_input: Callable[[], torch.Tensor]
+    run: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    towers: Optional[list[str]] = None
+
+
+def _images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    t = torch.randint(1, 98, (2, 16), generator=g)
+    t[:, 10] = 99  # "end of text": the highest id, where open_clip pools
+    return t
+
+
+CASES = {
+    "timm_vit": Case("timm_vit", make_timm, _images, lambda m, x: m(x)),
+    "clip_visual": Case("clip_visual", make_clip, _images, lambda m, x: m.encode_image(x), ["visual"]),
+    "clip_text": Case("clip_text", make_clip, _tokens, lambda m, x: m.encode_text(x), ["text"]),
+}
+
+
+@pytest.fixture(params=list(CASES), ids=list(CASES))
+def case(request) -> Case:
+    return CASES[request.param]
+
+
+@pytest.fixture
+def tiny_timm() -> nn.Module:
+    return make_timm()
+
+
+@pytest.fixture
+def tiny_clip() -> nn.Module:
+    return make_clip()

@@ -1,0 +1,253 @@
+"""The conformance matrix (DESIGN sections 3 and 8): every registered method x every tiny backbone.
+
+A new method or backbone is covered automatically. Method-specific numerics live in tests/methods/.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from conftest import CASES, Case
+from torch.utils.flop_counter import FlopCounterMode
+
+import vpeft
+from vpeft.methods.base import get_method
+from vpeft.methods.layers import AdapterLayer
+
+# Small settings so the matrix runs in seconds; everything else is the method's paper default.
+SMALL = {"r": 2, "num_tokens": 3, "rank": 2}
+
+
+def small_config(method: str, towers):
+    cls = get_method(method).config_class
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: v for k, v in SMALL.items() if k in names}
+    return cls(towers=towers, **kw)
+
+
+def supported(method: str, case: Case) -> bool:
+    # Prompt tokens need an image tower; every other built-in method applies to all three cases.
+    return not (method == "vpt" and case.name == "clip_text")
+
+
+def perturb(pm: vpeft.PeftModel, seed: int = 0) -> None:
+    """Move every adapter tensor away from its (often identity) initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in pm.adapter_state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.05 * torch.randn(t.shape, generator=g))
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+METHODS = vpeft.list_methods()
+
+
+@pytest.fixture(params=METHODS, ids=METHODS)
+def method(request) -> str:
+    return request.param
+
+
+def build(case: Case, method: str, seed: int = 0):
+    model = case.build(seed)
+    pm = vpeft.get_peft_model(model, small_config(method, case.towers))
+    perturb(pm)
+    return model, pm
+
+
+def test_unsupported_raises_before_mutation(case: Case, method: str):
+    if supported(method, case):
+        pytest.skip("supported combination")
+    model = case.build(0)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="VPT"):
+        vpeft.get_peft_model(model, small_config(method, case.towers))
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert_same_state(before, snapshot(model))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.fixture
+def built(case: Case, method: str):
+    if not supported(method, case):
+        pytest.skip("unsupported combination (checked by test_unsupported_raises_before_mutation)")
+    model = case.build(0)
+    x = case.make_input()
+    with torch.no_grad():
+        y_base = case.run(model, x)
+    before = snapshot(model)
+    pm = vpeft.get_peft_model(model, small_config(method, case.towers))
+    perturb(pm)
+    return case, pm, x, y_base, before
+
+
+def frozen_output(case: Case, x: torch.Tensor) -> torch.Tensor:
+    """The backbone's output with its weights frozen, as they are inside a PeftModel.
+
+    torch's nn.MultiheadAttention gives different last bits (~1e-6) under a float attn_mask depending on whether
+    ``in_proj_weight.requires_grad`` is set, even under no_grad (measured on the text tower); the bit-exact
+    comparison is against the backbone in the same state.
+    """
+    model = case.build(0).requires_grad_(False)
+    with torch.no_grad():
+        return case.run(model, x)
+
+
+def test_layout_and_disabled_equals_base(built):
+    case, pm, x, y_base, _ = built
+    with torch.no_grad():
+        y = case.run(pm, x)
+        with pm.disabled():
+            y_off = case.run(pm, x)
+    y_base = frozen_output(case, x)
+    assert y.shape == y_base.shape
+    assert not torch.equal(y, y_base), "perturbed adapters should change the output"
+    assert torch.equal(y_off, y_base), "disabled adapters must give the backbone's output bit for bit"
+
+
+def test_intermediates_keep_layout(built):
+    case, pm, x, _, _ = built
+    if case.name != "timm_vit":
+        pytest.skip("forward_intermediates checked on timm")
+    base = case.build(0)
+    _, ref = base.forward_intermediates(x)
+    with torch.no_grad():
+        _, inter = pm.forward_intermediates(x)
+    assert [t.shape for t in inter] == [t.shape for t in ref]
+
+
+def test_unload_restores_keys_and_values(built):
+    case, pm, x, y_base, before = built
+    model = pm.unload()
+    assert not any(isinstance(m, AdapterLayer) for m in model.modules())
+    assert_same_state(before, snapshot(model))
+    with torch.no_grad():
+        assert torch.equal(case.run(model, x), y_base)
+
+
+def test_adapter_state_is_separable(built):
+    _, pm, _, _, before = built
+    sd = pm.adapter_state_dict()
+    assert sd, "a method must own at least one tensor"
+    key = pm.method_keys[0]
+    for k in sd:
+        assert "base_layer" not in k
+        assert k.startswith(f"_shared.{key}.") or f".{key}." in k, k
+        assert k not in before, f"adapter key {k} collides with a backbone key"
+
+
+def test_only_adapters_learn(built):
+    case, pm, x, _, before = built
+    pm.train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    adapter_before = {k: v.clone() for k, v in pm.adapter_state_dict().items()}
+    opt = torch.optim.SGD(params, lr=0.1)
+    case.run(pm, x).square().mean().backward()
+    opt.step()
+    adapter_after = pm.adapter_state_dict()
+    model = pm.unload()
+    assert_same_state(before, snapshot(model))
+    changed = [k for k, v in adapter_before.items() if not torch.equal(v, adapter_after[k])]
+    assert changed, "no adapter tensor changed after an optimizer step"
+
+
+def test_save_load_roundtrip(built, tmp_path):
+    case, pm, x, _, _ = built
+    with torch.no_grad():
+        y = case.run(pm, x)
+    pm.save_adapter(str(tmp_path))
+    fresh = case.build(0)
+    pm2 = vpeft.PeftModel.from_pretrained(fresh, str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(case.run(pm2, x), y)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert set(saved) == set(pm.adapter_state_dict())
+
+
+def test_merge_exact_and_flops(built):
+    case, pm, x, y_base, before = built
+    methods = [get_method(type(c).method) for c in pm.configs]
+    mergeable = all(
+        a.mergeable for layer in pm.adapter_layers().values() for _, a in layer.adapters())
+    if not mergeable:
+        assert not all(m.mergeable for m in methods) or case.name == "clip_visual"
+        with pytest.raises(ValueError, match="not mergeable"):
+            pm.merge()
+        return
+    with torch.no_grad():
+        y = case.run(pm, x)
+        pm.merge()
+        y_m = case.run(pm, x)
+    assert rel_err(y_m, y) < 1e-5
+    with pytest.raises(ValueError, match="unmerge"):
+        with pm.disabled():
+            pass
+    pm.unmerge()
+    with torch.no_grad():
+        assert rel_err(case.run(pm, x), y) < 1e-5
+    merged = pm.merge_and_unload()
+    assert list(snapshot(merged)) == list(before)
+    base = case.build(0)
+    with FlopCounterMode(display=False) as f_base, torch.no_grad():
+        case.run(base, x)
+    with FlopCounterMode(display=False) as f_merged, torch.no_grad():
+        case.run(merged, x)
+    assert f_merged.get_total_flops() == f_base.get_total_flops()
+
+
+def test_grad_checkpointing_same_grads(built):
+    case, pm, x, _, _ = built
+    pm.train()
+
+    def grads(ckpt: bool):
+        pm.set_grad_checkpointing(ckpt)
+        pm.zero_grad()
+        case.run(pm, x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+
+    g0, g1 = grads(False), grads(True)
+    assert set(g0) == set(g1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_stacking_two_methods(case: Case, method: str):
+    if not supported(method, case) or method == "lora":
+        pytest.skip("pairs with LoRA")
+    model = case.build(0)
+    x = case.make_input()
+    lora = vpeft.LoraConfig(r=2, towers=case.towers, targets=["q", "v", "mlp_in"])
+    pm = vpeft.get_peft_model(model, [lora, small_config(method, case.towers)])
+    perturb(pm)
+    keys = pm.method_keys
+    assert keys[0] == "lora" and len(keys) == 2
+    y_base = frozen_output(case, x)
+    with torch.no_grad():
+        y = case.run(pm, x)
+        with pm.disabled():
+            assert torch.equal(case.run(pm, x), y_base)
+    # Same adapters applied one method at a time give the same function (composition is order-deterministic).
+    sd = copy.deepcopy(pm.adapter_state_dict())
+    model2 = case.build(0)
+    pm2 = vpeft.get_peft_model(model2, [lora, small_config(method, case.towers)])
+    pm2.load_adapter_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(case.run(pm2, x), y)
