@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CASES, Case
+from conftest import Case
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
