@@ -1,0 +1,1 @@
+"""Speed / memory / FLOPs benchmarks (run as ``python -m benchmarks.<name>``; not collected by pytest)."""
