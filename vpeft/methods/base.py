@@ -106,6 +106,9 @@ class Adapter(nn.Module):
 
     #: Whether :meth:`merge` can fold this adapter into the base weights exactly.
     mergeable: ClassVar[bool] = False
+    #: Whether the adapter must be the first on its site (its function depends on the raw base weight, e.g. DoRA's
+    #: weight norm); ``get_peft_model`` refuses configs that place another method before it.
+    must_be_first: ClassVar[bool] = False
 
     def __init__(self, site: Site) -> None:
         super().__init__()

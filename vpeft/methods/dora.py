@@ -43,8 +43,9 @@ Deviations from the reference implementation (NVlabs/DoRA, built on HF peft's Lo
       dropout = 0.
     * The norm is computed in float32 whatever the weight dtype, and clamped at float32's smallest normal number
       so an all-zero row (m = 0) gives 0 instead of 0 / 0.
-    * When another method applied earlier on the same site changes ``y``, DoRA rescales that output too, but its
-      norm is that of the base weight (plus DoRA's own update) only.
+    * DoRA must be the first method on its sites (``get_peft_model`` refuses another method before it): its norm
+      is that of the base weight, so an earlier method's change to ``y`` would be rescaled with a norm that does
+      not include it, and merging would not reproduce the forward. Methods after DoRA (e.g. SSF) are fine.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class DoRAAdapter(SliceDeltaAdapter):
     The base module (the Linear or packed attention whose weight is adapted) is referenced, not registered, so
     its weight stays out of the adapter's parameters and state dict; the norm reads it at every forward.
     """
+
+    must_be_first = True
 
     def __init__(self, site, slices, in_features: int, cfg: DoRAConfig, base: nn.Module) -> None:
         super().__init__(site, slices, cfg.scaling, cfg.dropout)

@@ -313,6 +313,7 @@ def get_peft_model(
     # ---- check: resolve everything and build every adapter without touching the model ----
     plan: list[tuple[str, Method, Optional[nn.Module], list[tuple[list, Adapter]]]] = []
     used: set[str] = set()
+    on_site: dict[str, list[str]] = {}
     for cfg in configs:
         cls = method_for_config(cfg)
         cfg.validate()
@@ -325,6 +326,11 @@ def get_peft_model(
         for group in method.group_sites(sites):
             adapter = method.make_adapter(model, spec, group, model.get_submodule(group[0].path), shared)
             adapter.__dict__["_shared"] = shared
+            before = on_site.setdefault(group[0].path, [])
+            if adapter.must_be_first and before:
+                raise ValueError(f"method {key!r} must be the first method on site {group[0].path!r}, but {before} "
+                                 f"come(s) before it; list {key!r} first in the configs")
+            before.append(key)
             built.append((group, adapter))
         plan.append((key, method, shared, built))
     extra_prefixes = _extra_prefixes(model, spec, list(trainable_extra))
@@ -356,6 +362,7 @@ def get_peft_model(
                 p.requires_grad_(True)
     for p in pm.shared.parameters():
         p.requires_grad_(True)
+    pm.train(model.training)  # new adapters (and their dropout) follow the backbone's mode
     return pm
 
 
