@@ -15,7 +15,10 @@ from .methods import (
     Adapter,
     AdapterLayer,
     BitFitConfig,
+    BlockLoraConfig,
+    CompLoraConfig,
     DiffFitConfig,
+    DoRAConfig,
     ForwardContext,
     LNTuneConfig,
     LoraConfig,
@@ -30,7 +33,8 @@ from .methods import (
     register_method,
 )
 
-__all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "DiffFitConfig", "ForwardContext",
+__all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig", "CompLoraConfig",
+           "DiffFitConfig", "DoRAConfig", "ForwardContext",
            "LNTuneConfig", "LoraConfig", "Method", "PeftConfig", "PeftModel", "SSFConfig", "Site", "VPTConfig",
            "__version__", "create_backbone", "get_method", "get_peft_model", "get_spec", "list_backbones",
            "list_methods", "register_backbone", "register_method"]
