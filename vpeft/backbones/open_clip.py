@@ -7,6 +7,8 @@ Parameter (``CustomResidualAttentionBlock``, and the default block of newer open
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from typing import Optional, Union
 
@@ -14,15 +16,30 @@ import torch.nn as nn
 
 from ._spec import BackboneSpec, TowerSpec, register_spec
 
+#: Scalar entries of state dicts taken from OpenAI's TorchScript CLIP archives (``jit_model.state_dict()``); they
+#: are not weights. open_clip drops them only when it loads the archive itself.
+_OPENAI_SCALAR_KEYS = ("input_resolution", "context_length", "vocab_size")
+
 
 def _quick_gelu_for(arch: str, tag: Optional[str]) -> bool:
-    """Whether ``arch`` with pretrained ``tag`` needs QuickGELU (OpenAI weights do; DESIGN section 10)."""
+    """Whether ``arch`` with pretrained ``tag`` needs QuickGELU (OpenAI weights do; DESIGN section 10).
+
+    open_clip switches to QuickGELU itself only when it downloads a tag; here the tag decides also for local files.
+    ``openai`` means QuickGELU for every architecture, also ones open_clip has no pretrained config for.
+    """
     import open_clip
 
     if tag is None or arch.endswith("-quickgelu"):
         return False
     cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
-    return bool(cfg.get("quick_gelu", tag == "openai"))
+    return bool(cfg.get("quick_gelu", tag.lower().replace("-", "_") == "openai"))
+
+
+class _DropRandomInitNotice(logging.Filter):
+    """Hides open_clip's "initialized randomly" warning while vpeft builds a model it loads weights into next."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
 
 
 def create_open_clip(
@@ -36,32 +53,67 @@ def create_open_clip(
     Args:
         arch: open_clip model config name.
         tag: Pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...). It selects the activation the weights
-            were trained with: for ``openai`` QuickGELU is forced also when weights come from a local file.
+            were trained with: for ``openai`` QuickGELU is forced also when weights come from a local file. For an
+            architecture with registered tags it must be one of them.
         pretrained: False (random init), True (open_clip's hub download of ``tag``), or a local checkpoint path
-            (open_clip ``.bin``/``.pt``/``.safetensors`` or an OpenAI-CLIP-format state dict; loaded by open_clip's
-            own loader with ``weights_only=True`` and ``strict=True``).
+            (open_clip ``.bin``/``.pt``/``.safetensors``, or an OpenAI-CLIP-format state dict, whose scalar
+            ``input_resolution``/``context_length``/``vocab_size`` entries are ignored). The file is read by open_clip's
+            loader with ``weights_only=True``; every model key must be present and no other key may be.
         **kwargs: Forwarded to ``open_clip.create_model``.
+
+    Raises:
+        ValueError: unknown architecture or tag, a path that is not a loadable file, or a checkpoint whose keys or
+            shapes do not fit the architecture.
+        TypeError: ``pretrained`` is neither a bool nor a path.
     """
     import open_clip
 
-    if arch not in open_clip.list_models():
-        raise ValueError(f"open_clip has no model config {arch!r}; available: {open_clip.list_models()}")
+    models = open_clip.list_models()
+    if arch not in models:
+        close = difflib.get_close_matches(arch, models, n=5)
+        raise ValueError(f"open_clip has no model config {arch!r}; close matches: {close}; available: {models}")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag is not None and tags and not open_clip.get_pretrained_cfg(arch, tag):
+        raise ValueError(f"open_clip model {arch!r} has no pretrained tag {tag!r}; tags: {tags}")
     force_quick_gelu = kwargs.pop("force_quick_gelu", False) or _quick_gelu_for(arch, tag)
     if isinstance(pretrained, (str, os.PathLike)):
-        path = os.fspath(pretrained)
-        if not os.path.isfile(path):
-            raise ValueError(f"pretrained checkpoint {path!r} does not exist (pass True, False or a file path)")
-        source: Optional[str] = path
-    elif pretrained is True:
+        from . import _local_checkpoint
+
+        path = _local_checkpoint(pretrained)
+        root = logging.getLogger()
+        quiet = _DropRandomInitNotice()
+        root.addFilter(quiet)
+        try:
+            model = open_clip.create_model(arch, pretrained=None, force_quick_gelu=force_quick_gelu, **kwargs)
+        finally:
+            root.removeFilter(quiet)
+        _load_checkpoint(model, path, arch)
+        return model
+    if pretrained is True:
         if tag is None:
-            raise ValueError(f"pretrained=True needs a tag, e.g. 'open_clip:{arch}/openai'; tags for {arch}: "
-                             f"{open_clip.list_pretrained_tags_by_model(arch)}")
-        source = tag
+            raise ValueError(f"pretrained=True needs a tag, e.g. 'open_clip:{arch}/openai'; tags for {arch}: {tags}")
+        source: Optional[str] = tag
     elif pretrained is False:
         source = None
     else:
-        raise TypeError(f"pretrained must be bool or a path, got {type(pretrained).__name__}")
+        raise TypeError(f"pretrained must be True, False or a checkpoint path, got {type(pretrained).__name__}")
     return open_clip.create_model(arch, pretrained=source, force_quick_gelu=force_quick_gelu, **kwargs)
+
+
+def _load_checkpoint(model: nn.Module, path: str, arch: str) -> None:
+    """open_clip's checkpoint loader (key conversions, position-embedding resizing), strict except for the scalar
+    entries of OpenAI-format state dicts."""
+    import open_clip
+
+    try:
+        result = open_clip.load_checkpoint(model, path, strict=False, weights_only=True)
+    except RuntimeError as e:  # size mismatches (torch raises them also with strict=False)
+        raise ValueError(f"checkpoint {path!r} could not be loaded into open_clip {arch!r}: {e}") from e
+    missing = list(getattr(result, "missing_keys", []))
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if k not in _OPENAI_SCALAR_KEYS]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path!r} does not fit open_clip {arch!r}: {len(missing)} missing keys "
+                         f"{missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}")
 
 
 def _oc_classes():
