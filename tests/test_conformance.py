@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import Case
+from conftest import CASES, Case
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
@@ -71,13 +71,16 @@ def build(case: Case, method: str, seed: int = 0):
     return model, pm
 
 
-def test_unsupported_raises_before_mutation(case: Case, method: str):
-    if supported(method, case):
-        pytest.skip("supported combination")
+UNSUPPORTED = [(m, c) for m in METHODS for c in CASES if not supported(m, CASES[c])]
+
+
+@pytest.mark.parametrize("method_name, case_name", UNSUPPORTED, ids=[f"{c}-{m}" for m, c in UNSUPPORTED])
+def test_unsupported_raises_before_mutation(method_name: str, case_name: str):
+    case = CASES[case_name]
     model = case.build(0)
     before = snapshot(model)
     with pytest.raises(ValueError, match="VPT"):
-        vpeft.get_peft_model(model, small_config(method, case.towers))
+        vpeft.get_peft_model(model, small_config(method_name, case.towers))
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert_same_state(before, snapshot(model))
     assert all(p.requires_grad for p in model.parameters())
