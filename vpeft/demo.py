@@ -55,6 +55,12 @@ def _accuracy(model, x, y) -> float:
     return (model(x).argmax(-1) == y).float().mean().item()
 
 
+def _load(ckpt: str):
+    """The self-pretrained backbone through the real loader; its config says the file holds 1-channel weights."""
+    return vpeft.create_backbone(BACKBONE, pretrained=ckpt, num_classes=5,
+                                 pretrained_cfg_overlay=dict(input_size=(1, 8, 8)), **ARCH)
+
+
 def run(out_dir: str = "out/demo", shots: int = 10, seed: int = 0) -> dict:
     """Run the demo; write ``results.json`` and the LoRA adapter under ``out_dir``; return the results."""
     torch.manual_seed(seed)
@@ -91,7 +97,7 @@ def run(out_dir: str = "out/demo", shots: int = 10, seed: int = 0) -> dict:
     pms = {}
     for name, cfgs in methods.items():
         torch.manual_seed(seed)
-        model = vpeft.create_backbone(BACKBONE, pretrained=ckpt, num_classes=5, **ARCH)  # same head size
+        model = _load(ckpt)
         pm = vpeft.get_peft_model(model, cfgs, trainable_extra=["head"])
         t = time.time()
         _train(pm, [p for p in pm.parameters() if p.requires_grad], xt[train_idx], yt[train_idx], 150, 5e-3, seed=seed)
@@ -107,7 +113,7 @@ def run(out_dir: str = "out/demo", shots: int = 10, seed: int = 0) -> dict:
     pm = pms["lora (r=4, q,v)"]
     adir = os.path.join(out_dir, "lora_adapter")
     pm.save_adapter(adir)
-    fresh = vpeft.create_backbone(BACKBONE, pretrained=ckpt, num_classes=5, **ARCH)
+    fresh = _load(ckpt)
     pm2 = vpeft.PeftModel.from_pretrained(fresh, adir)
     xtest = xt[test_mask]
     with torch.no_grad():

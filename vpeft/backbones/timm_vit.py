@@ -49,11 +49,6 @@ def create_timm(name: str, pretrained: Union[bool, str, os.PathLike] = False, **
             # timm drops the classifier whenever num_classes differs from the pretrained config's count (1000 for
             # most tags), which would silently discard the head of a fine-tuned local file.
             overlay["num_classes"] = n
-        if "in_chans" in kwargs and "input_size" not in overlay:
-            # A local file was saved for the channel count asked for; without this timm warns on every load that
-            # the config "declares 3 source channels" (the hub checkpoints' count).
-            size = getattr(timm.models.get_pretrained_cfg(name), "input_size", None) or (3, 224, 224)
-            overlay["input_size"] = (kwargs["in_chans"], *size[1:])
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     if not isinstance(pretrained, bool):
         raise TypeError(f"pretrained must be True, False or a checkpoint path, got {type(pretrained).__name__}")
