@@ -3,16 +3,51 @@ projection, the base weight behind a site, and an adapter base class that adds `
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
 
-from .base import Adapter, Method
+from .base import Adapter, Method, PeftConfig
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..backbones import BackboneSpec, Site
     from .layers import AdapterLayer
+
+
+@dataclass
+class LowRankConfig(PeftConfig):
+    """Fields shared by the LoRA family (each method's config subclasses this and sets its paper's defaults).
+
+    Attributes:
+        r: Rank of the update.
+        alpha: Scale numerator; the update is multiplied by ``alpha / r``. ``None`` means ``alpha = r``.
+        dropout: Dropout on the low-rank branch input.
+        init_a: ``"kaiming"`` (loralib) or ``"gaussian"`` (N(0, 1/r)) initialisation of the down-projection.
+    """
+
+    r: int = 8
+    alpha: Optional[float] = None
+    dropout: float = 0.0
+    init_a: str = "kaiming"
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``."""
+        return (self.alpha if self.alpha is not None else self.r) / self.r
+
+    def validate(self) -> None:  # noqa: D102
+        super().validate()
+        name = type(self).__name__
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"{name}.r must be a positive int, got {self.r!r}")
+        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))):
+            raise TypeError(f"{name}.alpha must be a number or None, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{name}.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init_a not in ("kaiming", "gaussian"):
+            raise ValueError(f"{name}.init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
 
 
 def site_weight(layer_or_module: nn.Module) -> tuple[nn.Parameter, Optional[nn.Parameter]]:

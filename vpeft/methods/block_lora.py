@@ -52,13 +52,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ._lowrank import SliceDeltaAdapter, WeightDeltaMethod, site_weight, slices_of
-from .base import PeftConfig, register_method
+from ._lowrank import LowRankConfig, SliceDeltaAdapter, WeightDeltaMethod, site_weight, slices_of
+from .base import register_method
 from .lora import init_lora_a
 
 
 @dataclass
-class BlockLoraConfig(PeftConfig):
+class BlockLoraConfig(LowRankConfig):
     """Block-LoRA configuration.
 
     Attributes:
@@ -76,23 +76,10 @@ class BlockLoraConfig(PeftConfig):
     dropout: float = 0.25
     init_a: str = "kaiming"
 
-    @property
-    def scaling(self) -> float:
-        return (self.alpha if self.alpha is not None else self.r) / self.r
-
     def validate(self) -> None:  # noqa: D102
         super().validate()
-        name = type(self).__name__
-        for fname in ("r", "num_blocks"):
-            v = getattr(self, fname)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}.{fname} must be a positive int, got {v!r}")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))):
-            raise TypeError(f"{name}.alpha must be a number or None, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{name}.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_a not in ("kaiming", "gaussian"):
-            raise ValueError(f"{name}.init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
+        if not isinstance(self.num_blocks, int) or isinstance(self.num_blocks, bool) or self.num_blocks < 1:
+            raise ValueError(f"{type(self).__name__}.num_blocks must be a positive int, got {self.num_blocks!r}")
 
 
 class BlockLoraAdapter(SliceDeltaAdapter):

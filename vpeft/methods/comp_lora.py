@@ -51,13 +51,13 @@ from typing import Optional, Union
 import torch
 import torch.nn as nn
 
-from ._lowrank import SliceDeltaAdapter, WeightDeltaMethod, site_weight, slices_of
-from .base import PeftConfig, register_method
+from ._lowrank import LowRankConfig, SliceDeltaAdapter, WeightDeltaMethod, site_weight, slices_of
+from .base import register_method
 from .lora import init_lora_a
 
 
 @dataclass
-class CompLoraConfig(PeftConfig):
+class CompLoraConfig(LowRankConfig):
     """Comp-LoRA configuration.
 
     Attributes:
@@ -76,10 +76,6 @@ class CompLoraConfig(PeftConfig):
     dropout: float = 0.25
     init_a: str = "kaiming"
 
-    @property
-    def scaling(self) -> float:
-        return (self.alpha if self.alpha is not None else self.r) / self.r
-
     def principal_dim(self, out_features: int, in_features: int) -> int:
         """The number of protected singular directions of an ``out_features x in_features`` weight."""
         if isinstance(self.k, float):
@@ -89,18 +85,10 @@ class CompLoraConfig(PeftConfig):
     def validate(self) -> None:  # noqa: D102
         super().validate()
         name = type(self).__name__
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"{name}.r must be a positive int, got {self.r!r}")
         if isinstance(self.k, bool) or not isinstance(self.k, (int, float)):
             raise TypeError(f"{name}.k must be an int (count) or a float in (0, 1) (fraction), got {self.k!r}")
         if (isinstance(self.k, int) and self.k < 1) or (isinstance(self.k, float) and not 0.0 < self.k < 1.0):
             raise ValueError(f"{name}.k must be a positive int or a float in (0, 1), got {self.k!r}")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))):
-            raise TypeError(f"{name}.alpha must be a number or None, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{name}.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_a not in ("kaiming", "gaussian"):
-            raise ValueError(f"{name}.init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
 
 
 def principal_bases(weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -51,13 +51,13 @@ Deviations from the reference implementation (NVlabs/DoRA, built on HF peft's Lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-from ._lowrank import SliceDeltaAdapter, WeightDeltaMethod, site_weight
-from .base import PeftConfig, register_method
+from ._lowrank import LowRankConfig, SliceDeltaAdapter, WeightDeltaMethod, site_weight
+from .base import register_method
 from .lora import init_lora_a
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,7 +67,7 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
-class DoRAConfig(PeftConfig):
+class DoRAConfig(LowRankConfig):
     """DoRA configuration (LoRA's fields; the magnitude has no options).
 
     Attributes:
@@ -78,25 +78,7 @@ class DoRAConfig(PeftConfig):
         targets: Sites among ``q, k, v, qkv, attn_out, mlp_in, mlp_out`` (default ``["q", "v"]``).
     """
 
-    r: int = 8
-    alpha: Optional[float] = None
-    dropout: float = 0.0
-    init_a: str = "kaiming"
-
-    @property
-    def scaling(self) -> float:
-        return (self.alpha if self.alpha is not None else self.r) / self.r
-
-    def validate(self) -> None:  # noqa: D102
-        super().validate()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"{type(self).__name__}.r must be a positive int, got {self.r!r}")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float))):
-            raise TypeError(f"{type(self).__name__}.alpha must be a number or None, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_a not in ("kaiming", "gaussian"):
-            raise ValueError(f"{type(self).__name__}.init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
+    # LoRA's fields and defaults (LowRankConfig); the magnitude has no options.
 
 
 class DoRAAdapter(SliceDeltaAdapter):

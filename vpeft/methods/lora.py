@@ -21,17 +21,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
-from ._lowrank import SliceDeltaAdapter, WeightDeltaMethod, site_weight
-from .base import PeftConfig, register_method
+from ._lowrank import LowRankConfig, SliceDeltaAdapter, WeightDeltaMethod, site_weight
+from .base import register_method
 
 
 @dataclass
-class LoraConfig(PeftConfig):
+class LoraConfig(LowRankConfig):
     """LoRA configuration.
 
     Attributes:
@@ -41,24 +40,6 @@ class LoraConfig(PeftConfig):
         init_a: ``"kaiming"`` (loralib) or ``"gaussian"`` (N(0, 1/r)) initialisation of ``A``.
         targets: Sites among ``q, k, v, qkv, attn_out, mlp_in, mlp_out`` (default ``["q", "v"]``).
     """
-
-    r: int = 8
-    alpha: Optional[float] = None
-    dropout: float = 0.0
-    init_a: str = "kaiming"
-
-    @property
-    def scaling(self) -> float:
-        return (self.alpha if self.alpha is not None else self.r) / self.r
-
-    def validate(self) -> None:  # noqa: D102
-        super().validate()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"{type(self).__name__}.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.init_a not in ("kaiming", "gaussian"):
-            raise ValueError(f"{type(self).__name__}.init_a must be 'kaiming' or 'gaussian', got {self.init_a!r}")
 
 
 def init_lora_a(a: torch.Tensor, how: str, r: int) -> None:
