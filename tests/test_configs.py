@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,54 @@ def test_yaml_parses(path: Path):
         tiny = [type(m)(**{**m.__dict__, **({"num_tokens": 3} if hasattr(m, "num_tokens") else {})}) for m in methods]
         pm = vpeft.get_peft_model(make_timm(), tiny, trainable_extra=data["model"].get("trainable_extra", []))
         assert pm(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+
+
+# -- through the real LightningCLI parser --------------------------------------------------------------------------
+sys.path.insert(0, str(Path(__file__).parent / "modules"))  # the training tests' shared helpers
+from _train_helpers import coop_root_fixture  # noqa: E402
+
+coop_root = coop_root_fixture()
+
+BY_GROUP = {g: sorted((CONFIG_DIR / g).glob("*.yaml")) for g in ("trainer", "data", "method", "experiment")}
+# What each group is composed with to form a complete config.
+PARTNERS = {"trainer": ("data/caltech101.yaml", "experiment/tiny_cpu.yaml"),
+            "data": ("trainer/cpu.yaml", "experiment/tiny_cpu.yaml"),
+            "experiment": ("trainer/cpu.yaml", "data/caltech101.yaml"),
+            "method": ("trainer/cpu.yaml", "data/caltech101.yaml", "experiment/tiny_cpu.yaml")}
+
+
+def _cli(*configs: str, args: tuple = ()):
+    pytest.importorskip("lightning")
+    from vpeft.datasets.datamodule import FewShotDataModule
+    from vpeft.modules import FewShotClassifier
+    from vpeft.modules.lightning_cli import VpeftCLI
+
+    argv = [a for c in configs for a in ("-c", str(CONFIG_DIR / c))] + list(args)
+    return VpeftCLI(FewShotClassifier, FewShotDataModule, run=False, auto_configure_optimizers=False, args=argv)
+
+
+@pytest.mark.parametrize("path", BY_GROUP["method"], ids=[p.name for p in BY_GROUP["method"]])
+def test_method_preset_through_lightning_cli(path: Path, coop_root):
+    cli = _cli(*PARTNERS["method"], f"method/{path.name}",
+               args=("--data.root", coop_root, "--data.shots", "2", "--trainer.logger=false"))
+    assert all(isinstance(m, vpeft.PeftConfig) for m in cli.model.methods)
+    cli.model.configure_model()
+    assert cli.model(torch.randn(2, 3, 16, 16)).shape == (2, cli.datamodule.num_classes)
+
+
+@pytest.fixture(scope="module")
+def parser_cli(coop_root):
+    return _cli(*PARTNERS["method"], args=("--data.root", coop_root, "--data.shots", "2", "--trainer.logger=false"))
+
+
+@pytest.mark.parametrize("path", [p for g in ("trainer", "data", "experiment") for p in BY_GROUP[g]],
+                         ids=[f"{g}/{p.name}" for g in ("trainer", "data", "experiment") for p in BY_GROUP[g]])
+def test_yaml_composes_in_the_cli_parser(path: Path, parser_cli):
+    group = path.parent.name
+    argv = [a for c in (*PARTNERS[group], f"{group}/{path.name}", "method/lora.yaml")
+            for a in ("-c", str(CONFIG_DIR / c))]
+    cfg = parser_cli.parser.parse_args(argv)  # exits (fails the test) on any unknown key or bad value
+    if group == "data":
+        from vpeft.datasets import list_datasets
+
+        assert cfg.data.dataset in list_datasets()

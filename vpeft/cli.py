@@ -1,4 +1,10 @@
-"""The ``vpeft`` command. ``vpeft demo`` runs the offline demo; training subcommands arrive with Lightning."""
+"""The ``vpeft`` command.
+
+``vpeft fit|validate|test`` train and evaluate through LightningCLI (composable YAML from ``configs/``, e.g.
+``vpeft fit -c configs/trainer/cpu.yaml -c configs/data/caltech101.yaml -c configs/method/lora.yaml``);
+``vpeft quickstart`` runs the offline few-shot benchmark; ``vpeft demo`` the small offline demo; ``vpeft methods``
+lists the registered PEFT methods.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,44 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+# No "predict": the data module serves no prediction split, and the test split is reachable only through "test".
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+
+def _lightning(argv: list[str]) -> int:
+    try:
+        from .modules.lightning_cli import run
+    except ImportError as e:  # Lightning is an optional dependency of vpeft
+        print(f"vpeft {argv[0]} needs Lightning: pip install 'vpeft[lightning]' ({e})", file=sys.stderr)
+        return 2
+    run(argv)
+    return 0
+
+
+def _quickstart(argv: list[str]) -> int:
+    try:
+        from .quickstart import main as quickstart_main
+    except ImportError as e:
+        print(f"vpeft quickstart is not available in this installation ({e})", file=sys.stderr)
+        return 2
+    return int(quickstart_main(argv) or 0)
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``vpeft`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Training subcommands are LightningCLI's (it owns their options and -h); dispatch before argparse sees them.
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        return _lightning(argv)
+    if argv and argv[0] == "quickstart":
+        return _quickstart(argv[1:])
     parser = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient fine-tuning for vision models")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("fit", "train with LightningCLI (vpeft fit -c trainer.yaml -c data.yaml -c method.yaml)"),
+                       ("validate", "evaluate on the validation split (LightningCLI)"),
+                       ("test", "evaluate on the test split, e.g. --ckpt_path last.ckpt (LightningCLI)"),
+                       ("quickstart", "offline few-shot benchmark on Fashion-MNIST with a self-pretrained ViT")):
+        sub.add_parser(name, help=text, add_help=False)
     demo = sub.add_parser("demo", help="offline demo: self-pretrain a tiny ViT, adapt it with PEFT methods")
     demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     demo.add_argument("--shots", type=int, default=10, help="labelled images per target class (default: 10)")

@@ -1,0 +1,112 @@
+"""``VpeftCLI``: LightningCLI with vpeft's forced callbacks, argument links and default CSV logger."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import yaml
+from jsonargparse import Namespace
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from .callbacks import AdapterCheckpoint, ResultCard
+
+#: Config keys that do not change results, left out of the result card's config hash.
+_UNHASHED = ("config", "ckpt_path", "card", "checkpoint")
+_UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary",
+                     "log_every_n_steps", "callbacks", "plugins")
+# Paths and the worker count do not change results either (the manifest hash pins the data itself).
+_UNHASHED_DATA = ("root", "num_workers", "manifest_dir")
+
+
+class VpeftCLI(LightningCLI):
+    """``vpeft fit|validate|test``.
+
+    Adds two always-present, configurable callbacks (``--checkpoint.*``: :class:`AdapterCheckpoint`, ``--card.*``:
+    :class:`ResultCard`), links ``model.backbone``/``model.backbone_kwargs`` into the data module (transforms follow
+    the backbone) and ``data.num_classes`` into the model, and logs to CSV under ``default_root_dir`` unless a logger
+    is configured.
+    """
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate``, ``test`` (no ``predict``: there is no prediction split to serve)."""
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
+        parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResultCard, "card")
+        parser.link_arguments("model.backbone", "data.backbone")
+        parser.link_arguments("model.backbone_kwargs", "data.backbone_kwargs")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` (``sys.argv[1:]`` when ``None``). With ``--ckpt_path FILE`` the checkpoint's model
+        hyper-parameters are appended as ``--model <json>``, so ``vpeft test --ckpt_path ...`` needs no model or method
+        config (as in Lightning, they take precedence over the config files)."""
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+            return
+        argv = list(sys.argv[1:] if args is None else args)
+        path = _ckpt_path_arg(argv)
+        if path is not None and os.path.isfile(path):
+            import torch
+
+            hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+            # num_classes is a link target (it comes from the data module) and may not be given as a value.
+            hparams = {k: v for k, v in hparams.items() if k not in ("_instantiator", "_class_path", "num_classes")}
+            if hparams:
+                argv += ["--model", json.dumps(hparams)]
+        self.config = parser.parse_args(argv)
+
+    def _parse_ckpt_path(self) -> None:
+        """Done in :meth:`parse_arguments` (Lightning's version runs after required arguments were checked)."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:  # noqa: D102
+        cfg = self._get(self.config_init, "trainer", default={})
+        if cfg.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = CSVLogger(save_dir=cfg.get("default_root_dir") or ".", name="lightning_logs")
+        extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        if cfg.get("enable_checkpointing") is False:  # Lightning refuses a checkpoint callback then
+            extra = [c for c in extra if not isinstance(c, AdapterCheckpoint)]
+        trainer = self._instantiate_trainer({**cfg, **kwargs}, extra)
+        for cb in trainer.callbacks:
+            if isinstance(cb, ResultCard):
+                cb.config = self._hashable_config()
+        return trainer
+
+    def _hashable_config(self) -> Optional[dict]:
+        sub = self.subcommand
+        cfg = self.config.get(sub, self.config) if sub else self.config
+        data = yaml.safe_load(self._parser(sub).dump(cfg, skip_none=False, skip_link_targets=False))
+        for key in _UNHASHED:
+            data.pop(key, None)
+        for key in _UNHASHED_TRAINER:
+            data.get("trainer", {}).pop(key, None)
+        for key in _UNHASHED_DATA:
+            data.get("data", {}).pop(key, None)
+        return data
+
+
+def run(args: Optional[list[str]] = None) -> VpeftCLI:
+    """Run ``vpeft fit|validate|test`` with ``args`` (``sys.argv[1:]`` when ``None``)."""
+    from ..datasets.datamodule import FewShotDataModule
+    from .classification import FewShotClassifier
+
+    return VpeftCLI(FewShotClassifier, FewShotDataModule, seed_everything_default=0, auto_configure_optimizers=False,
+                    save_config_kwargs={"overwrite": True}, args=args)
+
+
+def _ckpt_path_arg(argv: list[str]) -> Optional[str]:
+    """The value of the last ``--ckpt_path`` on a command line, if any."""
+    found = None
+    for i, a in enumerate(argv):
+        if a == "--ckpt_path" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif a.startswith("--ckpt_path="):
+            found = a.split("=", 1)[1]
+    return found
