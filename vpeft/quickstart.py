@@ -46,6 +46,8 @@ import torch.nn.functional as F
 import vpeft
 from vpeft.datasets import fashion_mnist as fmnist
 
+from ._fileio import atomic_write
+
 BACKBONE = "timm:vit_tiny_patch16_224"  # the timm architecture; every size below overrides its defaults
 CACHE_VERSION = 2  # bump when the pretraining recipe changes so old cached checkpoints are not reused
 N_SOURCE = 6  # classes 0..5 pretrain the backbone; classes 6..9 are the held-out few-shot task
@@ -311,7 +313,7 @@ def pretrain(data: Data, setup: Setup, arch: dict, path: str, seed: int = 0,
     Returns:
         A summary: images, steps, seconds and the accuracy on the source classes' test images.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     torch.manual_seed(seed)
     src = data.y_train < N_SOURCE
@@ -342,10 +344,8 @@ def pretrain(data: Data, setup: Setup, arch: dict, path: str, seed: int = 0,
     seconds = time.time() - t0
     te = data.y_test < N_SOURCE
     src_acc = accuracy(net, data.x_test[te][:2000], data.y_test[te][:2000])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent or killed run never leaves a half-written cache entry
+    # atomic: a concurrent or killed run never leaves a half-written cache entry
+    atomic_write(path, lambda f: f.write(save({k: v.contiguous() for k, v in net.state_dict().items()})))
     return dict(images=len(x), steps=steps, batch=setup.pretrain_batch, seconds=round(seconds, 2),
                 source_test_accuracy=round(src_acc, 4))
 
@@ -374,9 +374,7 @@ def cached_pretrain(data: Data, setup: Setup, arch: dict, cache_dir: str, use_ca
     names = ", ".join(data.classes[:N_SOURCE])
     log(f"self-pretraining the ViT on {data.name} classes 0-{N_SOURCE - 1} ({names}); cached for later runs ...")
     summary = pretrain(data, setup, arch, path, log=log)
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(dict(key=key_src, summary=summary), f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
+    atomic_write(meta_path, lambda f: json.dump(dict(key=key_src, summary=summary), f, indent=2), binary=False)
     return path, dict(summary, cached=False)
 
 

@@ -25,11 +25,11 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any, Optional
 
+from .._fileio import atomic_write
 from .base import DatasetSplits, Datum
 
 _ON_SHORT = ("error", "all")
@@ -208,21 +208,11 @@ def write_manifest(manifest: dict, path: str) -> None:
         manifest: As returned by :func:`build_manifest`.
         path: Destination file; missing parent folders are created.
     """
-    path = os.path.abspath(os.path.expanduser(path))
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    def dump(f) -> None:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+
+    atomic_write(os.path.expanduser(path), dump, binary=False)
 
 
 def read_manifest(path: str) -> dict:

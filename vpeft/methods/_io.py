@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
+
+from .._fileio import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from .peft_model import PeftModel
@@ -27,21 +28,8 @@ def fingerprint(model: nn.Module) -> str:
     return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
-def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_adapter(pm: PeftModel, directory: str) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     from .. import __version__
 
@@ -57,9 +45,9 @@ def save_adapter(pm: PeftModel, directory: str) -> None:
         "trainable_extra": list(pm.trainable_extra),
         "num_tensors": len(tensors),
     }
-    _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(os.path.join(directory, CONFIG_NAME),
-                  lambda p: open(p, "w").write(json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda f: f.write(save(tensors, metadata={"format": "pt"})))
+    atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: json.dump(meta, f, indent=2, sort_keys=True),
+                 binary=False)
 
 
 def read_adapter(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -36,6 +36,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 import vpeft
 from vpeft.methods.peft_model import canonical_name
 
+from .._fileio import atomic_write
 from ..datasets.datamodule import mix_seed
 
 CKPT_KEY = "vpeft"
@@ -300,7 +301,7 @@ class PeftTask(LightningModule):
     # -- adapter directories ---------------------------------------------------------------------------------------
     def save_adapter(self, directory: str) -> None:
         """``PeftModel.save_adapter`` plus ``task_state.safetensors`` when the task owns modules with state."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         model = self._require_model()
         model.save_adapter(directory)
@@ -310,10 +311,8 @@ class PeftTask(LightningModule):
                 state[f"{name}.{k}"] = t.detach().cpu().contiguous().clone()
         path = os.path.join(directory, TASK_STATE_NAME)
         if state:
-            tmp = path + ".tmp"
-            save_file(dict(state), tmp, metadata={"task": type(self).__name__,
-                                                  "hparams": json.dumps(dict(self.hparams), default=str)})
-            os.replace(tmp, path)
+            meta = {"task": type(self).__name__, "hparams": json.dumps(dict(self.hparams), default=str)}
+            atomic_write(path, lambda f: f.write(save(dict(state), metadata=meta)))
         elif os.path.exists(path):
             os.remove(path)
 

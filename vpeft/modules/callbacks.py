@@ -8,7 +8,6 @@ import json
 import os
 import resource
 import subprocess
-import tempfile
 import time
 from typing import Any, Optional
 
@@ -19,13 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import vpeft
-
-
-def _umask_mode(path: str) -> None:
-    """Give a ``mkstemp`` file (created 0600) the mode a plain ``open`` would have given it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
+from vpeft._fileio import atomic_write
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -47,28 +40,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            _umask_mode(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        try:  # persist the rename itself; not every platform can open a directory
-            dfd = os.open(folder, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
         return None
 
 
@@ -318,11 +290,7 @@ class ResultCard(Callback):
         card = self.card(trainer, pl_module, stage, **extra)
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"result_card_{stage}.json")
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".card-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(card, f, indent=2, sort_keys=True, default=str)
-        _umask_mode(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: json.dump(card, f, indent=2, sort_keys=True, default=str), binary=False)
         self.last_path = path
         rank_zero_info(f"vpeft: result card written to {path}")
         return path
