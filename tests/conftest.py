@@ -88,3 +88,18 @@ def tiny_timm() -> nn.Module:
 @pytest.fixture
 def tiny_clip() -> nn.Module:
     return make_clip()
+
+
+def randomize_adapters(pm, seed: int = 1, std: float = 0.1) -> None:
+    """Random values for every trainable tensor (LoRA-style B starts at zero, which would make checks trivial)."""
+    pm.eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max absolute difference relative to the reference's scale."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()

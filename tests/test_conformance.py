@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import CASES, Case
+from conftest import CASES, Case, rel_err
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
@@ -50,10 +50,6 @@ def assert_same_state(a: dict, b: dict) -> None:
     assert list(a) == list(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 METHODS = vpeft.list_methods()

@@ -6,6 +6,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_clip as tiny_clip
+from conftest import make_timm as tiny_vit
+from conftest import randomize_adapters, rel_err
 
 import vpeft
 import vpeft.backbones.timm_vit  # noqa: F401  (registers the timm ViT spec)
@@ -14,34 +17,6 @@ from vpeft.methods.layers import AdapterLayer
 
 timm = pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
-
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4,
-                             num_classes=5).eval()
-
-
-def tiny_clip():
-    torch.manual_seed(0)
-    return open_clip.model.CLIP(
-        embed_dim=32, vision_cfg=dict(layers=2, width=64, patch_size=8, image_size=32, head_width=16),
-        text_cfg=dict(context_length=16, vocab_size=100, width=64, heads=4, layers=2)).eval()
-
-
-def randomize_adapters(pm, seed=1, std=0.1):
-    """Give every trainable tensor random values (B starts at zero, which would make every check trivial) and put
-    the model in eval mode (new adapters start in train mode, and the branch dropout would make outputs random)."""
-    pm.eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 IMG = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
