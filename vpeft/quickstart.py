@@ -14,6 +14,9 @@ What it does:
 4. Prints a table (accuracy mean +- std over seeds, trainable parameters, training time), writes ``results.json``
    and ``accuracy_vs_shots.png`` and says where they are.
 
+Runtime (measured on 2 shared CPU cores, 3 seeds): about 2.3 minutes end to end, of which ~35 s self-pretraining
+(skipped when cached) and ~95 s for the 105 few-shot runs.
+
 Protocol (fixed before looking at any test number):
     * The K shots of a seed are the first K images of a seed-dependent permutation of each held-out class's training
       images, so the subsets are nested across K. A fixed 250 training images per held-out class are reserved as a
@@ -575,21 +578,21 @@ def plot(results: dict, path: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The quickstart's command-line options (``vpeft quickstart`` passes its arguments through)."""
-    p = argparse.ArgumentParser(prog="vpeft quickstart", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="out/quickstart", help="output folder for results.json and the plot")
+    p = argparse.ArgumentParser(prog="vpeft quickstart", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="out/quickstart",
+                   help="output folder for results.json and the plot (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 0 1 2; --fast: 0)")
     p.add_argument("--shots", type=int, nargs="+", default=None,
                    help="shots per class (default: 1 2 4 8 16; --fast: 1 4)")
     p.add_argument("--fast", action="store_true", help="tiny network and data subset (tests; numbers mean nothing)")
     p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "mnist-5k", "digits"],
-                   help="dataset; auto = Fashion-MNIST, else its download, else MNIST-5k, else digits")
+                   help="dataset; auto (default) = Fashion-MNIST, else its download, else MNIST-5k, else digits")
     p.add_argument("--offline", action="store_true", help="never download (skip torchvision's Fashion-MNIST)")
     p.add_argument("--cache-dir", default=None, help="vpeft cache (default: $VPEFT_CACHE or ~/.cache/vpeft)")
     p.add_argument("--no-cache", action="store_true", help="self-pretrain again even if a cached checkpoint exists")
     p.add_argument("--eval-split", default="test", choices=["test", "val"],
-                   help="evaluate on the test subset, or on validation images reserved from the training split "
-                        "(for choosing hyper-parameters)")
+                   help="evaluate on the test subset (default), or on validation images reserved from the training "
+                        "split (for choosing hyper-parameters)")
     p.add_argument("--methods", nargs="+", default=None, help="run only methods whose name contains one of these")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
