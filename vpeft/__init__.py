@@ -11,20 +11,26 @@ Typical use::
 __version__ = "0.1.0"
 
 from .backbones import BackboneSpec, Site, create_backbone, get_spec, list_backbones, register_backbone
+from .clip import ClipClassifier, build_zero_shot_classifier
 from .methods import (
     Adapter,
     AdapterLayer,
     BitFitConfig,
     BlockLoraConfig,
+    CoCoOpConfig,
     CompLoraConfig,
+    CoOpConfig,
     DiffFitConfig,
     DoRAConfig,
     ForwardContext,
+    IVLPConfig,
     LNTuneConfig,
     LoraConfig,
+    MaPLeConfig,
     Method,
     PeftConfig,
     PeftModel,
+    PromptSRCConfig,
     SSFConfig,
     VPTConfig,
     get_method,
@@ -33,8 +39,9 @@ from .methods import (
     register_method,
 )
 
-__all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig", "CompLoraConfig",
-           "DiffFitConfig", "DoRAConfig", "ForwardContext",
-           "LNTuneConfig", "LoraConfig", "Method", "PeftConfig", "PeftModel", "SSFConfig", "Site", "VPTConfig",
-           "__version__", "create_backbone", "get_method", "get_peft_model", "get_spec", "list_backbones",
-           "list_methods", "register_backbone", "register_method"]
+__all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig", "ClipClassifier",
+           "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext",
+           "IVLPConfig", "LNTuneConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel",
+           "PromptSRCConfig", "SSFConfig", "Site", "VPTConfig", "build_zero_shot_classifier", "create_backbone",
+           "get_method", "get_peft_model", "get_spec", "list_backbones", "list_methods", "register_backbone",
+           "register_method", "__version__"]

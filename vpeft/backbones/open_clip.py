@@ -175,7 +175,11 @@ def open_clip_spec(model: nn.Module) -> BackboneSpec:
         return BackboneSpec("open_clip_visual", {"": _visual_tower("", model, "")}, ("",))
     if isinstance(model, TextTransformer):
         return BackboneSpec("open_clip_text", {"": _text_tower("", model, "")}, ("",))
-    towers = {"visual": _visual_tower("visual", model.visual, "visual.")}
+    # A ResNet image tower (RN50 ...) has no transformer sites: the model then exposes its text tower only, which is
+    # all that text-prompt methods (CoOp, CoCoOp) and the zero-shot head need.
+    towers = {}
+    if isinstance(model.visual, VisionTransformer):
+        towers["visual"] = _visual_tower("visual", model.visual, "visual.")
     if isinstance(model, CustomTextCLIP):
         if not isinstance(model.text, TextTransformer):
             raise TypeError(f"open_clip text tower {type(model.text).__name__} is not supported (only open_clip's "
@@ -183,4 +187,6 @@ def open_clip_spec(model: nn.Module) -> BackboneSpec:
         towers["text"] = _text_tower("text", model.text, "text.")
     else:
         towers["text"] = _text_tower("text", model, "")
+    if "visual" not in towers:
+        return BackboneSpec("open_clip_resnet", towers, ("text",))
     return BackboneSpec("open_clip", towers, ("visual",))

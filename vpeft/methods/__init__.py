@@ -3,14 +3,20 @@
 from .base import Adapter, ForwardContext, Method, PeftConfig, get_method, list_methods, register_method
 from .bitfit import BitFitConfig, DiffFitConfig, LNTuneConfig
 from .block_lora import BlockLoraConfig
+from .cocoop import CoCoOpConfig
 from .comp_lora import CompLoraConfig
+from .coop import CoOpConfig
 from .dora import DoRAConfig
+from .ivlp import IVLPConfig
 from .layers import AdapterLayer
 from .lora import LoraConfig
+from .maple import MaPLeConfig
 from .peft_model import PeftModel, get_peft_model
+from .promptsrc import PromptSRCConfig
 from .ssf import SSFConfig
 from .vpt import VPTConfig
 
-__all__ = ["Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CompLoraConfig", "DiffFitConfig",
-           "DoRAConfig", "ForwardContext", "LNTuneConfig", "LoraConfig", "Method", "PeftConfig", "PeftModel",
-           "SSFConfig", "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]
+__all__ = ["Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig", "CoOpConfig",
+           "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext", "IVLPConfig", "LNTuneConfig",
+           "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel", "PromptSRCConfig", "SSFConfig",
+           "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]

@@ -76,10 +76,13 @@ class ForwardContext:
 
     def __init__(self) -> None:
         self._data: dict[Any, Any] = {}
+        #: Conditioning that outlives single forwards (set by ``PeftModel.conditioning``; never reset here).
+        self.conditioning: dict[Any, Any] = {}
         self.aux_losses: dict[str, torch.Tensor] = {}
 
     def reset(self) -> None:
-        """Forget everything (called by ``PeftModel`` before each top-level forward)."""
+        """Forget the per-forward state (called by ``PeftModel`` before each top-level forward); conditioning set by
+        ``PeftModel.conditioning`` stays until its ``with`` block ends."""
         self._data.clear()
         self.aux_losses.clear()
 
@@ -88,11 +91,13 @@ class ForwardContext:
         self._data[key] = value
 
     def get(self, key: Any, default: Any = None) -> Any:
-        """Return the value stored under ``key`` or ``default``."""
-        return self._data.get(key, default)
+        """Return the value stored under ``key`` (per-forward state first, then conditioning) or ``default``."""
+        if key in self._data:
+            return self._data[key]
+        return self.conditioning.get(key, default)
 
     def __contains__(self, key: Any) -> bool:
-        return key in self._data
+        return key in self._data or key in self.conditioning
 
 
 class Adapter(nn.Module):
@@ -114,11 +119,21 @@ class Adapter(nn.Module):
         super().__init__()
         self.site = site
         self.__dict__["_shared"] = None  # not registered: shared parameters live once under PeftModel.shared
+        self.__dict__["_ctx"] = None  # the owning PeftModel's ForwardContext, set by get_peft_model
 
     @property
     def shared(self) -> Optional[nn.Module]:
         """The method's shared module (see :meth:`Method.build_shared`), if any."""
         return self.__dict__["_shared"]
+
+    @property
+    def ctx(self) -> ForwardContext:
+        """The forward context of the ``PeftModel`` this adapter belongs to (for output-site adapters, which are
+        called without it)."""
+        ctx = self.__dict__["_ctx"]
+        if ctx is None:
+            raise RuntimeError("this adapter is not attached to a PeftModel (build it with vpeft.get_peft_model)")
+        return ctx
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return y
@@ -213,7 +228,7 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _ensure_builtin() -> None:
-    from . import bitfit, block_lora, comp_lora, dora, lora, ssf, vpt  # noqa: F401
+    from . import bitfit, block_lora, cocoop, comp_lora, coop, dora, ivlp, lora, maple, promptsrc, ssf, vpt  # noqa: F401
 
 
 def get_method(name: Optional[str]) -> type[Method]:

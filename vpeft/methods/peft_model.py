@@ -94,6 +94,24 @@ class PeftModel(nn.Module):
     def encode_text(self, *args, **kwargs):  # noqa: D102
         return self.base_model.encode_text(*args, **kwargs)
 
+    @contextlib.contextmanager
+    def conditioning(self, **values) -> Iterator[PeftModel]:
+        """Make ``values`` visible to adapters (``ctx.get(name)``) in every forward inside the ``with`` block.
+
+        Used for inputs that are not tensors of the wrapped call, e.g. the class of each text row for
+        class-specific prompts (``text_class_index``) or CoCoOp's image features (``image_features``). Values set
+        by an enclosing block are restored on exit.
+        """
+        cond = self.runtime.ctx.conditioning
+        saved = {k: cond[k] for k in values if k in cond}
+        cond.update(values)
+        try:
+            yield self
+        finally:
+            for k in values:
+                cond.pop(k, None)
+            cond.update(saved)
+
     @property
     def ctx(self) -> ForwardContext:
         """The forward context of the current (or last) forward."""
@@ -326,6 +344,7 @@ def get_peft_model(
         for group in method.group_sites(sites):
             adapter = method.make_adapter(model, spec, group, model.get_submodule(group[0].path), shared)
             adapter.__dict__["_shared"] = shared
+            adapter.__dict__["_ctx"] = runtime.ctx
             before = on_site.setdefault(group[0].path, [])
             if adapter.must_be_first and before:
                 raise ValueError(f"method {key!r} must be the first method on site {group[0].path!r}, but {before} "
