@@ -68,10 +68,36 @@ def _tokens() -> torch.Tensor:
     return t
 
 
+#: Placeholder id of learned text context in the tiny CLIP's vocabulary (start-of-text = vocab_size - 2).
+TINY_PLACEHOLDER = 98
+
+
+def _prompt_tokens() -> torch.Tensor:
+    t = _tokens()
+    t[:, 1:3] = TINY_PLACEHOLDER  # two context positions (the conformance matrix uses n_ctx=2)
+    return t
+
+
+def _prompt_run(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Image features and, per image, the features of every text row (image-major, as CoCoOp's prompts need)."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    img = m.encode_image(_images())
+    cond = m.conditioning(image_features=F.normalize(img, dim=-1)) if hasattr(m, "conditioning") else \
+        contextlib.nullcontext()
+    with cond:
+        txt = m.encode_text(t.repeat(img.shape[0], 1))
+    return torch.cat([img, txt])
+
+
 CASES = {
     "timm_vit": Case("timm_vit", make_timm, _images, lambda m, x: m(x)),
     "clip_visual": Case("clip_visual", make_clip, _images, lambda m, x: m.encode_image(x), ["visual"]),
     "clip_text": Case("clip_text", make_clip, _tokens, lambda m, x: m.encode_text(x), ["text"]),
+    # CLIP prompt learning (both towers): text rows with context placeholders, run as ClipClassifier runs them.
+    "clip_prompt": Case("clip_prompt", make_clip, _prompt_tokens, _prompt_run),
 }
 
 
