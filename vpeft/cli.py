@@ -2,7 +2,8 @@
 
 ``vpeft fit|validate|test`` train and evaluate through LightningCLI (composable YAML from ``configs/``, e.g.
 ``vpeft fit -c configs/trainer/cpu.yaml -c configs/data/caltech101.yaml -c configs/method/lora.yaml``);
-``vpeft quickstart`` runs the offline few-shot benchmark; ``vpeft demo`` the small offline demo; ``vpeft methods``
+``vpeft quickstart`` runs the offline few-shot benchmark; ``vpeft aggregate RUNS...`` turns result cards into
+paper-style tables; ``vpeft demo`` the small offline demo; ``vpeft methods``
 lists the registered PEFT methods.
 """
 
@@ -43,12 +44,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _lightning(argv)
     if argv and argv[0] == "quickstart":
         return _quickstart(argv[1:])
+    if argv and argv[0] == "aggregate":  # owns its options and -h
+        from .protocols.aggregate import main as aggregate_main
+
+        return int(aggregate_main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="vpeft", description="Parameter-efficient fine-tuning for vision models")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("fit", "train with LightningCLI (vpeft fit -c trainer.yaml -c data.yaml -c method.yaml)"),
                        ("validate", "evaluate on the validation split (LightningCLI)"),
                        ("test", "evaluate on the test split, e.g. --ckpt_path last.ckpt (LightningCLI)"),
-                       ("quickstart", "offline few-shot benchmark on Fashion-MNIST with a self-pretrained ViT")):
+                       ("quickstart", "offline few-shot benchmark on Fashion-MNIST with a self-pretrained ViT"),
+                       ("aggregate", "paper-style tables (few-shot, base-to-new, cross-dataset) from result cards")):
         sub.add_parser(name, help=text, add_help=False)
     demo = sub.add_parser("demo", help="offline demo: self-pretrain a tiny ViT, adapt it with PEFT methods")
     demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
