@@ -126,7 +126,8 @@ class ClipClassifier(nn.Module):
         tokenizer: open_clip tokenizer (CLIP's BPE ``SimpleTokenizer`` for prompt learning).
         classnames: Class names in label order.
         templates: Prompt templates for classes without a prompt learner (default ``["a photo of a {}."]``);
-            several templates are ensembled as in :func:`build_zero_shot_classifier`.
+            several templates are ensembled as in :func:`build_zero_shot_classifier`. Underscores in class names
+            become spaces in both templates and learned prompts.
         class_chunk: Classes per text forward (for CoCoOp: ``class_chunk // batch`` classes per forward, so rows per
             forward stay bounded).
         checkpoint_chunks: Recompute each chunk in backward when there are several (bounded activation memory).
@@ -150,7 +151,9 @@ class ClipClassifier(nn.Module):
         self.checkpoint_chunks = checkpoint_chunks
         self.learner = find_prompt_learner(model)
         device = next(model.parameters()).device
-        self.register_buffer("template_tokens", tokenizer(template_texts(self.classnames, self.templates)).to(device),
+        # Underscores in class names become spaces, as in the learned prompts (CoOp's convention).
+        names = [c.replace("_", " ") for c in self.classnames]
+        self.register_buffer("template_tokens", tokenizer(template_texts(names, self.templates)).to(device),
                              persistent=False)
         prompt = self.learner.tokenize(tokenizer, self.classnames).to(device) if self.learner is not None else None
         self.register_buffer("prompt_tokens", prompt, persistent=False)

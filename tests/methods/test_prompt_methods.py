@@ -16,7 +16,7 @@ from vpeft.methods._text_prompts import prompt_tokens
 from vpeft.methods.layers import AdapterLayer
 from vpeft.methods.promptsrc import GaussianPromptAggregator, gaussian_weights, promptsrc_loss
 
-TINY_BPE = "vpeft-tiny-bpe"
+TINY_BPE = "vpeft-tiny-bpe-w48"
 _MODEL_CONFIGS.setdefault(TINY_BPE, dict(
     embed_dim=32, vision_cfg=dict(image_size=32, layers=3, width=64, patch_size=8, head_width=16),
     text_cfg=dict(context_length=32, vocab_size=49408, width=48, heads=4, layers=3)))
@@ -161,11 +161,12 @@ def test_zero_shot_builder_matches_open_clip(tok):
     ref = oc_build(model, tok, NAMES, templates, num_classes_per_batch=3)
     assert ours.shape == ref.shape == (32, 4)
     assert (ours - ref).abs().max().item() < 1e-6
-    # ClipClassifier on the plain model: logit_scale * norm(image) @ weights
+    # ClipClassifier on the plain model: logit_scale * norm(image) @ weights (class names with spaces, as CoOp)
     clf = vpeft.ClipClassifier(model, tok, NAMES, templates=templates)
     x = images()
+    spaced = oc_build(model, tok, [n.replace("_", " ") for n in NAMES], templates)
     with torch.no_grad():
-        expected = model.logit_scale.exp() * F.normalize(model.encode_image(x), dim=-1) @ ref
+        expected = model.logit_scale.exp() * F.normalize(model.encode_image(x), dim=-1) @ spaced
         assert torch.allclose(clf(x), expected, atol=1e-5)
     with pytest.raises(ValueError, match="placeholder"):
         vpeft.build_zero_shot_classifier(model, tok, NAMES, ["a photo"])

@@ -26,7 +26,6 @@ Rows and classes: the text batch is either one row per class (``ClipClassifier``
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -389,5 +388,5 @@ def check_positive_int(cfg: PeftConfig, field_name: str, minimum: int = 1, allow
 
 
 __all__ = ["CLASS_INDEX_KEY", "IMAGE_FEATURES_KEY", "EmbedContextAdapter", "PromptLearner", "TextDeepPromptAdapter",
-           "TextPromptMethod", "VisionDeepPromptAdapter", "default_tokenizer", "init_context", "math",
+           "TextPromptMethod", "VisionDeepPromptAdapter", "default_tokenizer", "init_context",
            "placeholder_positions", "prompt_tokens"]

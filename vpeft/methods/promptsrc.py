@@ -6,14 +6,16 @@ The prompts are IVLP's (independent deep text and vision prompts); what PromptSR
   + lambda_image * L1(image features, frozen image features) + KL(frozen logits || prompted logits)``, added to the
   cross-entropy (:func:`promptsrc_loss`). Features are L2-normalised; the L1 terms are means over elements; the KL
   term is summed and divided by the number of logits.
-* Textual diversity: the frozen text features of each class are the mean over a template ensemble (CLIP's ImageNet
-  templates) of the frozen encoder's features, then L2-normalised (:func:`frozen_text_features`).
+* Textual diversity: the frozen text features of each class are the mean over a template ensemble (the first 60 of
+  CLIP's 80 ImageNet templates) of the frozen encoder's features, then L2-normalised
+  (``vpeft.modules.clip_tasks.ClipPromptTask.frozen_text_features``).
 * Gaussian-weighted prompt aggregation (GPA): the final prompts are the average of the prompts after each epoch
   ``e = 1..E``, weighted by ``N(e; mean, std^2)`` normalised over the epochs (:class:`GaussianPromptAggregator`).
 
 Paper defaults (base-to-new): 4 text + 4 vision tokens, depth 9 on both towers, ``ctx_init="a photo of a"``,
 ``lambda_text=25``, ``lambda_image=10``, KL weight 1, GPA mean 15 and std 1 over 20 epochs; recipe SGD lr 0.0025,
-batch 4, cosine with 1 constant warm-up epoch. Few-shot: 50 epochs, GPA mean 45 (see ``configs/method``).
+batch 4, cosine with 1 constant warm-up epoch. Few-shot: 50 epochs, GPA mean 45 / std 5 (Cars, Flowers, Aircraft,
+DTD, EuroSAT) or mean 30 / std 30 (the other datasets) (see ``configs/method/clip``).
 
 Trainable parameters: ``9 * 4 * 512 + 9 * 4 * 768 = 46,080`` for CLIP ViT-B/16 (the paper's 46K).
 

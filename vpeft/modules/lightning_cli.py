@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -21,6 +22,8 @@ _UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enabl
                      "log_every_n_steps", "callbacks", "plugins")
 # Paths and the worker count do not change results either (the manifest hash pins the data itself).
 _UNHASHED_DATA = ("root", "num_workers", "manifest_dir")
+#: The task of configs that set no ``model.class_path``.
+DEFAULT_TASK = "vpeft.modules.classification.FewShotClassifier"
 
 
 class VpeftCLI(LightningCLI):
@@ -30,6 +33,11 @@ class VpeftCLI(LightningCLI):
     :class:`ResultCard`), links ``model.backbone``/``model.backbone_kwargs`` into the data module (transforms follow
     the backbone) and ``data.num_classes`` into the model, and logs to CSV under ``default_root_dir`` unless a logger
     is configured.
+
+    In subclass mode (what :func:`run` uses) the task is any :class:`~vpeft.modules.base.PeftTask` chosen with
+    ``model.class_path`` (e.g. ``vpeft.modules.clip_tasks.ClipPromptTask``); without one it is
+    :data:`DEFAULT_TASK`, so configs that only set ``model.<arg>`` keep working. Every task must accept
+    ``num_classes`` (the link target).
     """
 
     @staticmethod
@@ -40,9 +48,12 @@ class VpeftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:  # noqa: D102
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ResultCard, "card")
-        parser.link_arguments("model.backbone", "data.backbone")
-        parser.link_arguments("model.backbone_kwargs", "data.backbone_kwargs")
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        model = "model.init_args." if self.subclass_mode_model else "model."
+        if self.subclass_mode_model:
+            parser.set_defaults({"model": {"class_path": DEFAULT_TASK}})
+        parser.link_arguments(model + "backbone", "data.backbone")
+        parser.link_arguments(model + "backbone_kwargs", "data.backbone_kwargs")
+        parser.link_arguments("data.num_classes", model + "num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (``sys.argv[1:]`` when ``None``). With ``--ckpt_path FILE`` the checkpoint's model
@@ -58,9 +69,32 @@ class VpeftCLI(LightningCLI):
 
             hparams = torch.load(path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
             # num_classes is a link target (it comes from the data module) and may not be given as a value.
+            class_path = hparams.get("_class_path")
             hparams = {k: v for k, v in hparams.items() if k not in ("_instantiator", "_class_path", "num_classes")}
+            if self.subclass_mode_model and class_path:
+                hparams = {"class_path": class_path, "init_args": hparams}
             if hparams:
                 argv += ["--model", json.dumps(hparams)]
+        if self.subclass_mode_model:
+            # The first pass only finds the chosen task; --print_config (which prints and exits) waits for the second.
+            self.config = parser.parse_args(_without_print_config(argv))
+            self._reparse_with_chosen_task(parser, argv)
+        else:
+            self.config = parser.parse_args(argv)
+
+    def _reparse_with_chosen_task(self, parser: LightningArgumentParser, argv: list[str]) -> None:
+        """Parse again with the chosen task as the default ``model.class_path``.
+
+        On a ``class_path`` change jsonargparse keeps the previous ``init_args`` the new class accepts, defaults
+        included: a config choosing another task than :data:`DEFAULT_TASK` would inherit the default task's defaults
+        (e.g. its ``trainable_extra=["head"]``) instead of its own.
+        """
+        sub = self.config.get("subcommand")
+        cfg = self.config.get(sub) if sub else self.config
+        model = cfg.get("model") if cfg is not None else None
+        class_path = model.get("class_path") if model is not None else None
+        if class_path is not None and _import_class(class_path) is not _import_class(DEFAULT_TASK):
+            self._parser(sub).set_defaults({"model": {"class_path": class_path}})
         self.config = parser.parse_args(argv)
 
     def _parse_ckpt_path(self) -> None:
@@ -83,6 +117,15 @@ class VpeftCLI(LightningCLI):
         sub = self.subcommand
         cfg = self.config.get(sub, self.config) if sub else self.config
         data = yaml.safe_load(self._parser(sub).dump(cfg, skip_none=False, skip_link_targets=False))
+        model = data.get("model")
+        if isinstance(model, dict) and "class_path" in model:  # subclass mode: flat, as in non-subclass mode
+            flat = {**(model.get("init_args") or {}), **(model.get("dict_kwargs") or {})}
+            task = _import_class(model["class_path"])
+            if task is not _import_class(DEFAULT_TASK):
+                flat["class_path"] = model["class_path"]  # the default task's configs hash as before
+            if getattr(task, "zero_shot", False):  # training-free tasks: how result-card tables label them
+                flat["zero_shot"] = True
+            data["model"] = flat
         for key in _UNHASHED:
             data.pop(key, None)
         for key in _UNHASHED_TRAINER:
@@ -93,12 +136,39 @@ class VpeftCLI(LightningCLI):
 
 
 def run(args: Optional[list[str]] = None) -> VpeftCLI:
-    """Run ``vpeft fit|validate|test`` with ``args`` (``sys.argv[1:]`` when ``None``)."""
+    """Run ``vpeft fit|validate|test`` with ``args`` (``sys.argv[1:]`` when ``None``); the task is any ``PeftTask``
+    (``model.class_path``, default :data:`DEFAULT_TASK`)."""
     from ..datasets.datamodule import FewShotDataModule
-    from .classification import FewShotClassifier
+    from .base import PeftTask
 
-    return VpeftCLI(FewShotClassifier, FewShotDataModule, seed_everything_default=0, auto_configure_optimizers=False,
-                    save_config_kwargs={"overwrite": True}, args=args)
+    return VpeftCLI(PeftTask, FewShotDataModule, subclass_mode_model=True, seed_everything_default=0,
+                    auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
+
+
+def _import_class(path: str) -> Any:
+    """The object ``module.Name`` names (``None`` when it cannot be imported)."""
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None) if module else None
+    except ImportError:
+        return None
+
+
+def _without_print_config(argv: list[str]) -> list[str]:
+    """``argv`` without ``--print_config[=flags]`` (and its separate ``flags`` value)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            if a and not a.startswith("-") and set(a.split(",")) <= {"skip_null", "skip_default", "comments"}:
+                continue
+        if a == "--print_config":
+            skip = True
+            continue
+        if a.startswith("--print_config="):
+            continue
+        out.append(a)
+    return out
 
 
 def _ckpt_path_arg(argv: list[str]) -> Optional[str]:
