@@ -80,3 +80,28 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="templates"):
         TrainingFreeClassifier(f"open_clip:{TINY}", templates="fancy")
     assert vpeft.build_zero_shot_classifier  # the zero-shot builder the task uses is public
+
+
+@pytest.mark.parametrize("preset", ["gda", "tip_adapter"])
+def test_presets_through_the_cli(preset, coop_root, tmp_path):
+    """`vpeft fit` then `vpeft test --ckpt_path` with the shipped preset, on the tiny CLIP, writing result cards."""
+    import glob
+    import json
+    from pathlib import Path
+
+    from vpeft.cli import main
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    base = ["-c", str(configs / "trainer/cpu.yaml"), "-c", str(configs / "data/caltech101.yaml"),
+            "-c", str(configs / f"method/clip/training_free/{preset}.yaml"), "--model.backbone", f"open_clip:{TINY}",
+            "--data.root", coop_root, "--data.shots", "4", "--data.num_workers", "0", "--data.batch_size", "8",
+            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    assert main(["fit", *base]) == 0
+    last = glob.glob(str(tmp_path / "**" / "last.ckpt"), recursive=True)
+    assert last
+    assert main(["test", *base, "--ckpt_path", last[0]]) == 0
+    cards = glob.glob(str(tmp_path / "**" / "result_card_test.json"), recursive=True)
+    card = json.loads(Path(cards[0]).read_text())
+    assert 0.0 <= card["metrics"]["test/acc"] <= 1.0
+    assert card["config"]["model"]["head"] == preset

@@ -82,6 +82,9 @@ class TrainingFreeClassifier(PeftTask):
         _templates(templates, None)  # validate early
         super().__init__(backbone, [], (), pretrained, backbone_kwargs, adapter, init_seed=init_seed)
         self.automatic_optimization = False
+        # PeftTask records these; this task takes neither (`vpeft test --ckpt_path` re-parses the hyper-parameters).
+        for key in ("methods", "trainable_extra"):
+            self.hparams.pop(key, None)
         self.num_classes = num_classes
         self.head_name, self.templates, self.grid = head, templates, grid
         self.head_kwargs = dict(head_kwargs or {})
@@ -105,6 +108,13 @@ class TrainingFreeClassifier(PeftTask):
         tokenizer = _tokenizer(self.backbone_id)
         return vpeft.build_zero_shot_classifier(self._require_model(), tokenizer, names,
                                                 _templates(self.templates, getattr(dm, "dataset", None)))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Class logits of the fitted head."""
+        if self.head is None:
+            raise ValueError("no fitted head: run `fit` first, or load a checkpoint of a fitted run")
+        f = self.features(images)
+        return self.head(f.to(self.head.zs_weights.device))
 
     # -- Lightning hooks -------------------------------------------------------------------------------------------
     def configure_optimizers(self):  # noqa: D102
@@ -144,10 +154,8 @@ class TrainingFreeClassifier(PeftTask):
         self.log("val/acc", acc, prog_bar=True)
 
     def test_step(self, batch, batch_idx: int) -> None:  # noqa: D102
-        if self.head is None:
-            raise ValueError("no fitted head: run `fit` first, or `test` with --ckpt_path of a fitted run")
         x, y = batch
-        logits = self.head(self.features(x).to(self.head.zs_weights.device))
+        logits = self(x)
         if not hasattr(self, "test_acc"):
             self.test_acc = MulticlassAccuracy(logits.shape[1], average="micro")
         self.test_acc.update(logits.cpu(), y.cpu())
