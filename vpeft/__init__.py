@@ -38,10 +38,11 @@ from .methods import (
     list_methods,
     register_method,
 )
+from .methods.importers import load_official_prompts
 
 __all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig", "ClipClassifier",
            "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext",
            "IVLPConfig", "LNTuneConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel",
            "PromptSRCConfig", "SSFConfig", "Site", "VPTConfig", "build_zero_shot_classifier", "create_backbone",
-           "get_method", "get_peft_model", "get_spec", "list_backbones", "list_methods", "register_backbone",
-           "register_method", "__version__"]
+           "get_method", "get_peft_model", "get_spec", "list_backbones", "list_methods", "load_official_prompts",
+           "register_backbone", "register_method", "__version__"]
