@@ -294,12 +294,14 @@ def test_config_errors_leave_model_untouched():
     with pytest.raises(ValueError, match="text tower"):
         vpeft.get_peft_model(vpeft.create_backbone("timm:vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1),
                              vpeft.CoOpConfig())
+    from open_clip import factory  # looked up now: other tests may have rebuilt the registry dict (rescan)
+
+    factory._MODEL_CONFIGS.setdefault("vpeft-tiny-vocab100", dict(
+        embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
+        text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)))
+    small_vocab = vpeft.create_backbone("open_clip:vpeft-tiny-vocab100")
     with pytest.raises(ValueError, match="BPE vocabulary"):
-        register = _MODEL_CONFIGS.setdefault("vpeft-tiny-vocab100", dict(
-            embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=8, head_width=16),
-            text_cfg=dict(context_length=16, vocab_size=100, width=32, heads=2, layers=1)))
-        assert register
-        vpeft.get_peft_model(vpeft.create_backbone("open_clip:vpeft-tiny-vocab100"), vpeft.CoOpConfig(ctx_init="a"))
+        vpeft.get_peft_model(small_vocab, vpeft.CoOpConfig(ctx_init="a"))
 
 
 def test_resnet_clip_text_prompts(tok):
