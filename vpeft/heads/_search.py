@@ -38,6 +38,26 @@ def check_number(name: str, value: Any, *, low: float | None = None, strict: boo
     return v
 
 
+
+class HyperParameter:
+    """A float hyper-parameter of a head, kept in the float64 scalar buffer ``_<name>`` (so it round-trips exactly
+    through ``state_dict``) and checked with :func:`check_number` on assignment. The owner registers the buffer."""
+
+    def __init__(self, doc: str, low: float = 0.0, strict: bool = False) -> None:
+        self.__doc__, self.low, self.strict = doc, low, strict
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return float(getattr(obj, "_" + self.name))
+
+    def __set__(self, obj: Any, value: float) -> None:
+        getattr(obj, "_" + self.name).fill_(check_number(self.name, value, low=self.low, strict=self.strict))
+
 def check_int(name: str, value: Any, *, low: int) -> int:
     """``value`` as an int >= ``low``; ``TypeError`` for non-integers (bools refused), ``ValueError`` below ``low``."""
     if isinstance(value, bool) or not isinstance(value, int):

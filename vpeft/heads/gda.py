@@ -57,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._search import (
+    HyperParameter,
     check_features,
     check_grid,
     check_labels,
@@ -181,23 +182,8 @@ class GDA(nn.Module):
         self.register_buffer("_logit_scale", torch.zeros((), dtype=torch.float64, device=dev))
         self.alpha, self.logit_scale = alpha, logit_scale
 
-    @property
-    def alpha(self) -> float:
-        """Weight of the GDA logits in the ensemble."""
-        return float(self._alpha)
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha.fill_(check_number("alpha", value, low=0.0))
-
-    @property
-    def logit_scale(self) -> float:
-        """Multiplier of the zero-shot logits."""
-        return float(self._logit_scale)
-
-    @logit_scale.setter
-    def logit_scale(self, value: float) -> None:
-        self._logit_scale.fill_(check_number("logit_scale", value, low=0.0))
+    alpha = HyperParameter("Weight of the GDA logits in the ensemble.")
+    logit_scale = HyperParameter("Multiplier of the zero-shot logits.")
 
     @property
     def num_classes(self) -> int:

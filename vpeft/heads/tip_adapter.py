@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._search import (
+    HyperParameter,
     check_features,
     check_grid,
     check_int,
@@ -128,32 +129,9 @@ class TipAdapter(nn.Module):
 
     # -- hyper-parameters --------------------------------------------------------------------------------------------
 
-    @property
-    def alpha(self) -> float:
-        """Residual ratio of the cache logits."""
-        return float(self._alpha)
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha.fill_(check_number("alpha", value, low=0.0))
-
-    @property
-    def beta(self) -> float:
-        """Sharpness of the affinities ``exp(-beta (1 - cos))``."""
-        return float(self._beta)
-
-    @beta.setter
-    def beta(self, value: float) -> None:
-        self._beta.fill_(check_number("beta", value, low=0.0, strict=True))
-
-    @property
-    def logit_scale(self) -> float:
-        """Multiplier of the zero-shot logits."""
-        return float(self._logit_scale)
-
-    @logit_scale.setter
-    def logit_scale(self, value: float) -> None:
-        self._logit_scale.fill_(check_number("logit_scale", value, low=0.0))
+    alpha = HyperParameter("Residual ratio of the cache logits.")
+    beta = HyperParameter("Sharpness of the affinities ``exp(-beta (1 - cos))``.", strict=True)
+    logit_scale = HyperParameter("Multiplier of the zero-shot logits.")
 
     @property
     def num_classes(self) -> int:

@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import register_method
-from .coop import build_context
-from .ivlp import DeepPromptLearner, DeepPromptMethod, IVLPConfig
+from .ivlp import IVLP, IVLPConfig
 
 
 @dataclass
@@ -70,17 +69,11 @@ class PromptSRCConfig(IVLPConfig):
 
 
 @register_method
-class PromptSRC(DeepPromptMethod):
+class PromptSRC(IVLP):
     """PromptSRC: IVLP prompts trained with self-regulating constraints (see the module docstring)."""
 
     name = "promptsrc"
     config_class = PromptSRCConfig
-
-    def build_shared(self, model, spec, sites):  # noqa: D102
-        cfg = self.config
-        ctx, fixed, placeholder = build_context(self, model, spec, cfg.n_ctx)
-        return DeepPromptLearner(ctx, placeholder, fixed, cfg.text_depth, cfg.vision_depth, cfg.n_ctx_vision,
-                                 self.vision_width(spec), cfg.init_std)
 
 
 def promptsrc_loss(
