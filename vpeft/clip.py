@@ -253,3 +253,32 @@ class ClipClassifier(nn.Module):
         if bias is not None:
             logits = logits + bias
         return (logits, img, text) if return_features else logits
+
+
+def tokenizer_for(backbone: str, model: Optional[nn.Module] = None):
+    """open_clip's tokenizer for an ``open_clip:ARCH[/TAG]`` backbone id, at the model's context length.
+
+    Raises:
+        ValueError: a backbone that is not an open_clip model.
+    """
+    import open_clip
+
+    family, _, name = backbone.partition(":")
+    if family != "open_clip" or not name:
+        raise ValueError(f"CLIP tasks need an open_clip backbone ('open_clip:ViT-B-16/openai'), got {backbone!r}")
+    arch = name.partition("/")[0]
+    context_length = getattr(model, "context_length", None) if model is not None else None
+    return open_clip.get_tokenizer(arch, context_length=context_length)
+
+
+def clean_classnames(classnames: Sequence[str]) -> list[str]:
+    """Class names as CoOp writes them into prompts (underscores as spaces).
+
+    Raises:
+        ValueError / TypeError: not a non-empty sequence of strings.
+    """
+    if isinstance(classnames, str) or not isinstance(classnames, Sequence) or not classnames:
+        raise ValueError(f"classnames must be a non-empty list of strings, got {classnames!r}")
+    if not all(isinstance(c, str) for c in classnames):
+        raise TypeError(f"classnames must be strings, got {[type(c).__name__ for c in classnames][:5]}")
+    return [c.replace("_", " ") for c in classnames]

@@ -24,13 +24,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 
 import vpeft  # noqa: E402
 from vpeft.datasets.datamodule import FewShotDataModule  # noqa: E402
+from vpeft.datasets.templates import resolve_templates  # noqa: E402
 from vpeft.methods.promptsrc import gaussian_weights  # noqa: E402
-from vpeft.modules.clip_tasks import (  # noqa: E402
-    ClipPromptTask,
-    ConstantWarmupCosineLR,
-    ZeroShotEvaluator,
-    resolve_templates,
-)
+from vpeft.modules.clip_tasks import ClipPromptTask, ZeroShotEvaluator  # noqa: E402
+from vpeft.modules.schedulers import ConstantWarmupCosineLR  # noqa: E402
 
 BACKBONE = register_tiny_bpe_clip()
 QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
@@ -275,7 +272,7 @@ model:
     class_path: torch.optim.SGD
     init_args: {{lr: 0.01, momentum: 0.9}}
   lr_scheduler:
-    class_path: vpeft.modules.clip_tasks.ConstantWarmupCosineLR
+    class_path: vpeft.modules.schedulers.ConstantWarmupCosineLR
     init_args: {{T_max: 2}}
 """
 

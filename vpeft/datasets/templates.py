@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional, Union
 
 _OPEN_CLIP_DATA = ("IMAGENET_CLASSNAMES", "OPENAI_IMAGENET_TEMPLATES", "SIMPLE_IMAGENET_TEMPLATES")
 
@@ -57,3 +57,43 @@ def dataset_prompts(name: str, classnames: Sequence[str]) -> list[str]:
     template = dataset_template(name)
     return [template.format(c.replace("_", " ")) for c in classnames]
 
+
+#: Named template sets for ``resolve_templates``.
+TEMPLATE_SETS = ("dataset", "imagenet80", "imagenet7")
+
+
+def resolve_templates(templates: Union[str, Sequence[str]], dataset: Optional[str] = None) -> list:
+    """Prompt templates for a ``templates`` argument.
+
+    Args:
+        templates: ``"dataset"`` (CoOp's hand-crafted template of ``dataset``, ``"a photo of a {}."`` for datasets
+            without one), ``"imagenet80"`` (CLIP's 80 ImageNet templates), ``"imagenet7"`` (CoOp's 7-template
+            subset), a single format string with ``{}``, or a list of format strings.
+        dataset: Dataset name (a key of :data:`CUSTOM_TEMPLATES`) for ``"dataset"``.
+
+    Returns:
+        Format strings or open_clip's template callables.
+
+    Raises:
+        ValueError: an unknown name, an empty list or a template without ``{}``.
+        TypeError: a template that is not a string.
+    """
+    if isinstance(templates, str):
+        if templates == "dataset":
+            return [dataset_template(dataset) if dataset else DEFAULT_TEMPLATE]
+        if templates == "imagenet80":
+            return list(__getattr__("OPENAI_IMAGENET_TEMPLATES"))
+        if templates == "imagenet7":
+            return list(__getattr__("SIMPLE_IMAGENET_TEMPLATES"))
+        if "{}" in templates:
+            return [templates]
+        raise ValueError(f"templates must be one of {TEMPLATE_SETS}, a format string with '{{}}' or a list of them; "
+                         f"got {templates!r}")
+    if not isinstance(templates, Sequence) or not templates:
+        raise ValueError(f"templates must be a non-empty list of format strings, got {templates!r}")
+    for t in templates:
+        if not isinstance(t, str):
+            raise TypeError(f"a template must be a format string with '{{}}', got {type(t).__name__}")
+        if "{}" not in t:
+            raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
+    return list(templates)

@@ -26,7 +26,6 @@ Deviations from the reference implementations:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -38,7 +37,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torchmetrics.classification import MulticlassAccuracy
 
 import vpeft
-from vpeft.clip import ClipClassifier, find_prompt_learner
+from vpeft.clip import ClipClassifier, clean_classnames, find_prompt_learner, tokenizer_for
+from vpeft.datasets.templates import resolve_templates
 from vpeft.methods.promptsrc import GaussianPromptAggregator, PromptSRCConfig, promptsrc_loss
 
 from .base import PeftTask
@@ -46,121 +46,11 @@ from .base import PeftTask
 #: PromptSRC's template ensemble is the first 60 of CLIP's 80 ImageNet templates (its ``IMAGENET_TEMPLATES``).
 PROMPTSRC_NUM_TEMPLATES = 60
 
-#: Named template sets for the ``templates`` argument.
-TEMPLATE_SETS = ("dataset", "imagenet80", "imagenet7")
 #: Checkpoint keys of the CLIP tasks' extra state (plain data and tensors: ``torch.load(weights_only=True)`` reads it).
 GPA_KEY = "vpeft_gpa"
 CLASSES_KEY = "vpeft_clip"
 
 Templates = Union[str, Sequence[str]]
-
-
-# -- plain helpers -----------------------------------------------------------------------------------------------------
-def resolve_templates(templates: Templates, dataset: Optional[str] = None) -> list:
-    """Prompt templates for a ``templates`` argument.
-
-    Args:
-        templates: ``"dataset"`` (CoOp's hand-crafted template of ``dataset``, ``"a photo of a {}."`` for datasets
-            without one), ``"imagenet80"`` (CLIP's 80 ImageNet templates), ``"imagenet7"`` (CoOp's 7-template
-            subset), a single format string with ``{}``, or a list of format strings.
-        dataset: Dataset name (a key of :data:`vpeft.datasets.templates.CUSTOM_TEMPLATES`) for ``"dataset"``.
-
-    Returns:
-        Format strings or open_clip's template callables.
-
-    Raises:
-        ValueError: an unknown name, an empty list or a template without ``{}``.
-        TypeError: a template that is not a string.
-    """
-    from vpeft.datasets import templates as tpl
-
-    if isinstance(templates, str):
-        if templates == "dataset":
-            return [tpl.dataset_template(dataset) if dataset else tpl.DEFAULT_TEMPLATE]
-        if templates == "imagenet80":
-            return list(tpl.OPENAI_IMAGENET_TEMPLATES)
-        if templates == "imagenet7":
-            return list(tpl.SIMPLE_IMAGENET_TEMPLATES)
-        if "{}" in templates:
-            return [templates]
-        raise ValueError(f"templates must be one of {TEMPLATE_SETS}, a format string with '{{}}' or a list of them; "
-                         f"got {templates!r}")
-    if not isinstance(templates, Sequence) or not templates:
-        raise ValueError(f"templates must be a non-empty list of format strings, got {templates!r}")
-    for t in templates:
-        if not isinstance(t, str):
-            raise TypeError(f"a template must be a format string with '{{}}', got {type(t).__name__}")
-        if "{}" not in t:
-            raise ValueError(f"template {t!r} has no '{{}}' placeholder for the class name")
-    return list(templates)
-
-
-def clip_tokenizer(backbone: str, model: Optional[nn.Module] = None):
-    """open_clip's tokenizer for an ``open_clip:ARCH[/TAG]`` backbone id, at the model's context length.
-
-    Raises:
-        ValueError: a backbone that is not an open_clip model.
-    """
-    import open_clip
-
-    family, _, name = backbone.partition(":")
-    if family != "open_clip" or not name:
-        raise ValueError(f"CLIP tasks need an open_clip backbone ('open_clip:ViT-B-16/openai'), got {backbone!r}")
-    arch = name.partition("/")[0]
-    context_length = getattr(model, "context_length", None) if model is not None else None
-    return open_clip.get_tokenizer(arch, context_length=context_length)
-
-
-def clean_classnames(classnames: Sequence[str]) -> list[str]:
-    """Class names as CoOp writes them into prompts (underscores as spaces).
-
-    Raises:
-        ValueError / TypeError: not a non-empty sequence of strings.
-    """
-    if isinstance(classnames, str) or not isinstance(classnames, Sequence) or not classnames:
-        raise ValueError(f"classnames must be a non-empty list of strings, got {classnames!r}")
-    if not all(isinstance(c, str) for c in classnames):
-        raise TypeError(f"classnames must be strings, got {[type(c).__name__ for c in classnames][:5]}")
-    return [c.replace("_", " ") for c in classnames]
-
-
-class ConstantWarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
-    """The schedule of CoOp, CoCoOp, MaPLe and PromptSRC (Dassl's ``ConstantWarmupScheduler`` around
-    ``CosineAnnealingLR``): ``warmup_lr`` for the first ``warmup_epochs`` epochs, then cosine from the base rate,
-    ``lr(e) = eta_min + (base - eta_min) * (1 + cos(pi * (e - warmup_epochs) / T_max)) / 2``.
-
-    As in Dassl, the cosine restarts its count after the warm-up, so with ``T_max = max_epochs`` the last epoch's
-    rate stays above ``eta_min``. Step it once per epoch (``lr_scheduler_interval: epoch``).
-
-    Args:
-        optimizer: The optimizer.
-        T_max: Cosine period in epochs (the papers: the number of training epochs).
-        warmup_epochs: Epochs at the constant ``warmup_lr``.
-        warmup_lr: The warm-up rate (the papers: 1e-5).
-        eta_min: Minimum rate of the cosine.
-        last_epoch: Index of the last epoch (``-1``: start).
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, T_max: int, warmup_epochs: int = 1,  # noqa: N803
-                 warmup_lr: float = 1e-5, eta_min: float = 0.0, last_epoch: int = -1) -> None:
-        if not isinstance(T_max, int) or isinstance(T_max, bool) or T_max < 1:
-            raise ValueError(f"T_max must be a positive int, got {T_max!r}")
-        if not isinstance(warmup_epochs, int) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be a non-negative int, got {warmup_epochs!r}")
-        self.T_max, self.warmup_epochs, self.warmup_lr, self.eta_min = T_max, warmup_epochs, warmup_lr, eta_min
-        super().__init__(optimizer, last_epoch)
-
-    def get_lr(self) -> list[float]:  # noqa: D102
-        e = self.last_epoch
-        if e < self.warmup_epochs:
-            return [self.warmup_lr for _ in self.base_lrs]
-        cos = (1.0 + math.cos(math.pi * (e - self.warmup_epochs) / self.T_max)) / 2.0
-        return [self.eta_min + (base - self.eta_min) * cos for base in self.base_lrs]
-
-
-def harmonic_mean(base: float, new: float) -> float:
-    """Base-to-new harmonic mean ``2 b n / (b + n)`` (0 when both are 0)."""
-    return 0.0 if base + new == 0 else 2.0 * base * new / (base + new)
 
 
 # -- shared machinery --------------------------------------------------------------------------------------------------
@@ -230,7 +120,7 @@ class _ClipTask(PeftTask):
     def tokenizer(self):
         """open_clip's tokenizer for the backbone."""
         if self._tokenizer is None:
-            self._tokenizer = clip_tokenizer(self.backbone_id, self._require_model())
+            self._tokenizer = tokenizer_for(self.backbone_id, self._require_model())
         return self._tokenizer
 
     # -- classifier ------------------------------------------------------------------------------------------------
@@ -669,5 +559,4 @@ class ClipPromptTask(_ClipTask):
         self._gpa_restore = checkpoint.get(GPA_KEY)
 
 
-__all__ = ["ClipPromptTask", "ConstantWarmupCosineLR", "ZeroShotEvaluator", "clean_classnames", "clip_tokenizer",
-           "harmonic_mean", "resolve_templates"]
+__all__ = ["ClipPromptTask", "ZeroShotEvaluator"]

@@ -13,7 +13,6 @@ the stored tensor shapes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -22,25 +21,13 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 import vpeft
+from vpeft.clip import tokenizer_for
+from vpeft.datasets.templates import resolve_templates
 from vpeft.heads import GDA, TipAdapter, TipAdapterF
 
 from .base import PeftTask
 
 HEADS = {"tip_adapter": TipAdapter, "tip_adapter_f": TipAdapterF, "gda": GDA}
-
-
-def _templates(templates: Union[str, Sequence[str]], dataset: Optional[str]) -> list:
-    from vpeft.datasets.templates import dataset_template
-
-    if templates == "dataset":
-        return [dataset_template(dataset or "")]
-    if templates == "imagenet80":
-        from vpeft.datasets.templates import OPENAI_IMAGENET_TEMPLATES
-
-        return list(OPENAI_IMAGENET_TEMPLATES)
-    if isinstance(templates, str):
-        raise ValueError(f"templates must be 'dataset', 'imagenet80' or a list of format strings, got {templates!r}")
-    return list(templates)
 
 
 class TrainingFreeClassifier(PeftTask):
@@ -52,7 +39,7 @@ class TrainingFreeClassifier(PeftTask):
             of class names the zero-shot classifier is built from.
         head: ``"tip_adapter"``, ``"tip_adapter_f"`` or ``"gda"``.
         templates: ``"dataset"`` (CoOp's hand-crafted template of the data module's dataset), ``"imagenet80"``
-            (CLIP's 80 templates) or a list of format strings.
+            (CLIP's 80 templates), ``"imagenet7"`` or format strings (``vpeft.datasets.templates.resolve_templates``).
         grid: Hyper-parameter grid for the validation search (``None``: the head's paper default).
         head_kwargs: Extra arguments of the head's ``search`` (e.g. ``{"epochs": 20}`` for Tip-Adapter-F).
         pretrained: See :class:`~vpeft.modules.base.PeftTask`.
@@ -79,7 +66,7 @@ class TrainingFreeClassifier(PeftTask):
         if not backbone.startswith("open_clip:"):
             raise ValueError(f"training-free heads need an open_clip backbone ('open_clip:<arch>[/<tag>]'), got "
                              f"{backbone!r}")
-        _templates(templates, None)  # validate early
+        resolve_templates(templates)  # validate early
         super().__init__(backbone, [], (), pretrained, backbone_kwargs, adapter, init_seed=init_seed)
         self.automatic_optimization = False
         # PeftTask records these; this task takes neither (`vpeft test --ckpt_path` re-parses the hyper-parameters).
@@ -105,9 +92,9 @@ class TrainingFreeClassifier(PeftTask):
         names = list(dm.classnames)
         if self.num_classes is not None and self.num_classes != len(names):
             raise ValueError(f"num_classes={self.num_classes} but the data module has {len(names)} class names")
-        tokenizer = _tokenizer(self.backbone_id)
+        tokenizer = tokenizer_for(self.backbone_id, self._require_model())
         return vpeft.build_zero_shot_classifier(self._require_model(), tokenizer, names,
-                                                _templates(self.templates, getattr(dm, "dataset", None)))
+                                                resolve_templates(self.templates, getattr(dm, "dataset", None)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits of the fitted head."""
@@ -181,8 +168,3 @@ class TrainingFreeClassifier(PeftTask):
             n += sum(b.numel() for b in self.head.buffers())
         return n
 
-
-def _tokenizer(backbone_id: str):
-    import open_clip
-
-    return open_clip.get_tokenizer(backbone_id.split(":", 1)[1].split("/", 1)[0])

@@ -61,7 +61,8 @@ def base_to_new(
     from lightning.pytorch import Trainer
 
     from ..datasets.datamodule import FewShotDataModule
-    from ..modules.clip_tasks import ClipPromptTask, harmonic_mean
+    from ..modules.clip_tasks import ClipPromptTask
+    from .aggregate import harmonic_mean
 
     task_kwargs, data_kwargs = dict(task_kwargs), dict(data_kwargs)
     if "subsample" in data_kwargs:
