@@ -251,13 +251,15 @@ def test_adapter_save_load_roundtrip(tmp_path):
 # --- memory: what autograd saves ------------------------------------------------------------------------------------
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs (the result is kept alive meanwhile)."""
+def saved_bytes(fn, exclude=frozenset()) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs (the result is kept alive meanwhile),
+    leaving out the storages whose data pointers are in ``exclude`` (parameters: resident anyway)."""
     seen: dict[int, int] = {}
 
     def pack(t):
         s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in exclude:
+            seen[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -280,27 +282,23 @@ def _layer_saved(backbone: str, cfg, batch: int, x_requires_grad: bool):
         call = lambda: layer(x, x, x, need_weights=False)[0]  # noqa: E731
     adapter = getattr(layer, layer.adapter_keys[0])
     out_width = pm.base_model.get_parameter(weight_name(pm, path)).shape[0]
-    return saved_bytes(call), dict(adapter.slices), out_width
+    params = frozenset(p.untyped_storage().data_ptr() for p in pm.parameters())
+    return saved_bytes(call, params), dict(adapter.slices), out_width
 
 
 @pytest.mark.parametrize("backbone,targets", [("timm", ["q"]), ("timm", ["q", "v"]), ("timm", ["mlp_in"]),
                                               ("timm", ["q", "k", "v"]), ("open_clip", ["q", "v"])])
 @pytest.mark.parametrize("x_requires_grad", [True, False])
-def test_saves_lora_plus_one_output_sized_tensor(backbone, targets, x_requires_grad):
-    """DoRA - LoRA saved bytes <= per adapted slice: one (batch, tokens, out_slice) tensor, plus two per-channel
-    float32 vectors (m / n for dz, 1 / n for dm; batch-independent). Nothing weight-sized."""
-    batch, tokens = 2, 17
+def test_saves_only_what_lora_saves_plus_per_channel_vectors(backbone, targets, x_requires_grad):
+    """DoRA - LoRA saved activation bytes (parameters excluded: resident anyway) <= one float32 per-channel vector
+    (1 / n) per adapted slice, and independent of the batch: the output-sized term of the magnitude's gradient is
+    recomputed in backward, not saved. Nothing weight-sized either (weights are parameters)."""
+    batch = 2
     diffs = {}
     for b in (batch, 2 * batch):
         lora, _, _ = _layer_saved(backbone, vpeft.LoraConfig(r=4, targets=targets), b, x_requires_grad)
-        dora, slices, out_width = _layer_saved(backbone, DoRAConfig(r=4, targets=targets), b, x_requires_grad)
+        dora, slices, _ = _layer_saved(backbone, DoRAConfig(r=4, targets=targets), b, x_requires_grad)
         diffs[b] = dora - lora
-    itemsize = torch.empty((), dtype=torch.float32).element_size()
-    widths = [hi - lo for lo, hi in slices.values()]
-    out_bytes = sum(batch * tokens * w * itemsize for w in widths)
-    vec_bytes = sum(2 * w * 4 for w in widths)
-    assert 0 < diffs[batch] <= out_bytes + vec_bytes
-    # The batch-dependent part (activations) is exactly one output slice per adapted slice.
-    assert diffs[2 * batch] - diffs[batch] == out_bytes
-    # ... which is at most one output-sized tensor of the adapted layer.
-    assert out_bytes <= batch * tokens * out_width * itemsize
+    vec_bytes = sum((hi - lo) * 4 for lo, hi in slices.values())
+    assert 0 <= diffs[batch] <= vec_bytes
+    assert diffs[2 * batch] == diffs[batch]

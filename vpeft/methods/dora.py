@@ -16,12 +16,11 @@ Linears. The adapter works on the site output ``y = W x + b`` it is handed:
 
     y_slice' = (m / n) * (y_slice - b_slice + s B A x) + b_slice,      n = ||W_slice + s B A||_c (detached)
 
-so the frozen matmul runs once, as in LoRA. Autograd then keeps what LoRA keeps (``x`` and ``A x``) plus, per
-adapted slice, the output-sized term ``y_slice - b_slice + s B A x`` (needed for the magnitude's gradient) and
-two per-channel vectors (``m / n`` and ``1 / n``, ``out_slice`` values each, independent of the batch). No
-weight-sized tensor is saved for backward: ``W + s B A`` exists only transiently inside the ``no_grad`` norm.
-HF peft's DoRA keeps more than full fine-tuning on the same model; ``python -m benchmarks.dora_memory`` prints the
-figures.
+so the frozen matmul runs once, as in LoRA. A custom autograd function keeps only what LoRA keeps (``x`` and
+``A x``) plus per-channel vectors: the output-sized term ``z = W x + s B A x`` that the magnitude's gradient needs is
+recomputed in backward (one slice-sized matmul) instead of being saved per adapted slice. No weight-sized tensor is
+saved either: ``W + s B A`` exists only transiently inside the ``no_grad`` norm. HF peft's DoRA keeps more than full
+fine-tuning on the same model; ``python -m benchmarks.dora_memory`` prints the figures.
 
 Paper defaults: DoRA keeps LoRA's recipe (Kaiming-uniform ``A``, zero ``B``, ``alpha / r`` scaling) and adds only
 the magnitude; its LLaMA commonsense runs use r=32, alpha=64, dropout 0.05 on q, k, v, up and down projections
@@ -124,18 +123,20 @@ class DoRAAdapter(SliceDeltaAdapter):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         weight, bias = site_weight(self._base)
         inv_norms = {n: v.reciprocal_() for n, v in self.row_norms(weight).items()}
-        deltas = self.deltas(x)
-        parts, pos = [], 0
+        f = self.factors()
+        names = list(f)
+        a_all = torch.cat([f[n][0] for n in names], dim=0) if len(names) > 1 else f[names[0]][0]
+        h = self.dropout(x) @ a_all.t()  # the down-projections of all slices in one matmul, as LoRA
+        parts, pos, col = [], 0, 0
         for name, (a, b) in self.slices.items():
             if a > pos:
                 parts.append(y[..., pos:a])
-            # Only the product z * scale saves anything: z (output-sized, for dm) and scale (for dz).
-            scale = (self.magnitude[name] * inv_norms[name].to(self.magnitude[name].dtype)).to(y.dtype)
-            if bias is not None:
-                b_slice = bias[a:b].to(y.dtype)
-                parts.append((y[..., a:b] - b_slice + deltas[name]) * scale + b_slice)
-            else:
-                parts.append((y[..., a:b] + deltas[name]) * scale)
+            lora_b = f[name][1]
+            xa = h[..., col:col + lora_b.shape[1]]
+            col += lora_b.shape[1]
+            b_slice = bias[a:b] if bias is not None else None
+            parts.append(_DoRAScale.apply(y[..., a:b], xa, lora_b, self.magnitude[name], inv_norms[name], x,
+                                          weight[a:b], b_slice, self.scaling))
             pos = b
         if pos < y.shape[-1]:
             parts.append(y[..., pos:])
@@ -177,6 +178,47 @@ class DoRAAdapter(SliceDeltaAdapter):
             v = torch.addmm(w, B.float(), A.float(), alpha=self.scaling)
             out[n] = (v * (self.magnitude[n].float() / norms[n]).unsqueeze(1) - w).to(weight.dtype)
         return out
+
+
+class _DoRAScale(torch.autograd.Function):
+    """``out = (y - b + s B (A x)) * m / n + b`` for one output slice, saving no output-sized tensor.
+
+    The magnitude's gradient needs ``z = y - b + s B A x = W x + s B A x`` (output-sized). Plain autograd would keep
+    ``z`` for every adapted slice (about LoRA's whole activation cost again); here backward recomputes it from what
+    LoRA keeps anyway (the site input ``x`` and the rank-``r`` ``A x``) and the resident frozen weight, at the cost
+    of one slice-sized matmul in backward. The norm ``n`` is a constant (the paper's Sec. 4.3).
+    """
+
+    @staticmethod
+    def forward(ctx, y, xa, lora_b, magnitude, inv_norm, x, weight, bias, scaling):  # noqa: D102
+        scale = (magnitude * inv_norm.to(magnitude.dtype)).to(y.dtype)
+        z = y + (xa @ lora_b.t()) * scaling
+        if bias is not None:
+            b = bias.to(y.dtype)
+            out = torch.addcmul(b, z - b, scale)
+        else:
+            out = z * scale
+        ctx.save_for_backward(xa, lora_b, magnitude, inv_norm, x, weight)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        xa, lora_b, magnitude, inv_norm, x, weight = ctx.saved_tensors
+        s = ctx.scaling
+        scale = (magnitude * inv_norm.to(magnitude.dtype)).to(g.dtype)
+        dz = g * scale
+        need = ctx.needs_input_grad
+        grad_y = dz if need[0] else None
+        grad_xa = (dz @ lora_b) * s if need[1] else None
+        grad_b = None
+        if need[2]:
+            grad_b = (dz.reshape(-1, dz.shape[-1]).t() @ xa.reshape(-1, xa.shape[-1])) * s
+        grad_m = None
+        if need[3]:
+            z = x.to(weight.dtype) @ weight.t() + (xa @ lora_b.t()) * s  # W x + s B A x, recomputed
+            grad_m = ((g * z.to(g.dtype)).reshape(-1, g.shape[-1]).sum(0) * inv_norm.to(g.dtype)).to(magnitude.dtype)
+        return grad_y, grad_xa, grad_b, grad_m, None, None, None, None, None
 
 
 @register_method
