@@ -228,7 +228,22 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def _ensure_builtin() -> None:
-    from . import bitfit, block_lora, cocoop, comp_lora, coop, dora, ivlp, lora, maple, promptsrc, ssf, vpt  # noqa: F401
+    from . import (  # noqa: F401
+        bitfit,
+        block_lora,
+        cocoop,
+        comp_lora,
+        coop,
+        dora,
+        ivlp,
+        lora,
+        lst,
+        maple,
+        promptsrc,
+        ssf,
+        unipt,
+        vpt,
+    )
 
 
 def get_method(name: Optional[str]) -> type[Method]:
