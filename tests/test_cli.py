@@ -109,3 +109,27 @@ def _manual_test_accuracy(root: str, fit_card: dict) -> float:
         correct = sum(int(pm(x.unsqueeze(0)).argmax(-1).item() == y) for x, y in data)
     assert os.path.isdir(fit_card["adapter_dir"]) and adapter_tensors(fit_card["adapter_dir"])
     return correct / len(data)
+
+
+@pytest.mark.parametrize("method", ["lst", "unipt"])
+def test_side_tuning_trains_and_reloads_through_the_cli(method, coop_root, tmp_path):
+    """The side-tuning presets train under ``vpeft fit`` (side network + head only) and the exported adapter gives
+    the checkpoint's test metrics."""
+    pytest.importorskip("lightning")
+    out = tmp_path / "run"
+    assert main(["fit", *cli_args(coop_root, out, "--trainer.max_epochs=1", method=method)]) == 0
+    fit = card(out, "fit")
+    names = set(adapter_tensors(fit["adapter_dir"]))
+    assert any(n.startswith(f"_shared.{method}.") for n in names) and any(n.startswith("head.") for n in names)
+    assert fit["params"]["trainable"] == sum(t.numel() for t in adapter_tensors(fit["adapter_dir"]).values())
+
+    configs = ["-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "data/caltech101.yaml")]
+    # the same batches in both runs (the loss is averaged over batches: other batch sizes change its last bits)
+    flags = ["--data.root", coop_root, "--data.shots", "8", "--data.num_workers", "0", "--data.batch_size", "8",
+             "--trainer.enable_progress_bar=false"]
+    last = Path(fit["checkpoints"]["dir"]) / "last.ckpt"
+    assert main(["test", *configs, *flags, "--trainer.default_root_dir", str(out / "ckpt"), "--ckpt_path",
+                 str(last)]) == 0
+    assert main(["test", *configs, "-c", str(CONFIGS / "experiment/tiny_cpu.yaml"), *flags,
+                 "--trainer.default_root_dir", str(out / "adapter"), "--model.adapter", fit["adapter_dir"]]) == 0
+    assert card(out / "adapter", "test")["metrics"] == card(out / "ckpt", "test")["metrics"]

@@ -26,12 +26,14 @@ from .methods import (
     IVLPConfig,
     LNTuneConfig,
     LoraConfig,
+    LSTConfig,
     MaPLeConfig,
     Method,
     PeftConfig,
     PeftModel,
     PromptSRCConfig,
     SSFConfig,
+    UniPTConfig,
     VPTConfig,
     get_method,
     get_peft_model,
@@ -42,7 +44,7 @@ from .methods.importers import load_official_prompts
 
 __all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig", "ClipClassifier",
            "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext",
-           "IVLPConfig", "LNTuneConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel",
-           "PromptSRCConfig", "SSFConfig", "Site", "VPTConfig", "build_zero_shot_classifier", "create_backbone",
-           "get_method", "get_peft_model", "get_spec", "list_backbones", "list_methods", "load_official_prompts",
-           "register_backbone", "register_method", "__version__"]
+           "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel",
+           "PromptSRCConfig", "SSFConfig", "Site", "UniPTConfig", "VPTConfig", "build_zero_shot_classifier",
+           "create_backbone", "get_method", "get_peft_model", "get_spec", "list_backbones", "list_methods",
+           "load_official_prompts", "register_backbone", "register_method", "__version__"]

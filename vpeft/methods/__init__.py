@@ -10,13 +10,15 @@ from .dora import DoRAConfig
 from .ivlp import IVLPConfig
 from .layers import AdapterLayer
 from .lora import LoraConfig
+from .lst import LSTConfig
 from .maple import MaPLeConfig
 from .peft_model import PeftModel, get_peft_model
 from .promptsrc import PromptSRCConfig
 from .ssf import SSFConfig
+from .unipt import UniPTConfig
 from .vpt import VPTConfig
 
 __all__ = ["Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig", "CoOpConfig",
            "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext", "IVLPConfig", "LNTuneConfig",
-           "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel", "PromptSRCConfig", "SSFConfig",
-           "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]
+           "LSTConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel", "PromptSRCConfig",
+           "SSFConfig", "UniPTConfig", "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]
