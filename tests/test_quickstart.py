@@ -43,10 +43,10 @@ def _check_results(out: str, n_seeds: int, shots: list[int], min_methods: int) -
 def test_fast_run_writes_results_and_plot(tmp_path, capsys):
     out, cache = str(tmp_path / "out"), str(tmp_path / "cache")
     assert quickstart.main(["--fast", "--out", out, "--cache-dir", cache, "--offline"]) == 0
-    res = _check_results(out, n_seeds=1, shots=[1, 4], min_methods=7)
+    res = _check_results(out, n_seeds=1, shots=[1, 4], min_methods=9)
     names = set(res["methods"])
     for expected in ("untrained + linear probe", "linear probe", "full fine-tuning", "VPT-deep", "SSF", "LoRA",
-                     "Block-LoRA"):
+                     "Block-LoRA", "LST", "UniPT"):
         assert any(n.startswith(expected) for n in names), expected
     # the linear probes train the head only; full fine-tuning trains everything
     assert res["methods"]["linear probe"]["trainable_params"] < res["methods"]["LoRA (r=4, q,v)"]["trainable_params"]

@@ -8,14 +8,14 @@ What it does:
    the backbone is labelled "self-pretrained" everywhere), saves it as a timm-format safetensors file in the vpeft
    cache keyed by its configuration, and reuses it on later runs.
 3. For the 4 held-out classes and each shot count K and seed, trains on K labelled images per class with: a linear
-   probe on an untrained (randomly initialised) backbone, a linear probe, full fine-tuning, VPT-deep, SSF, LoRA and
-   Block-LoRA, each built through vpeft's public API from the checkpoint loaded back by
-   ``vpeft.create_backbone(..., pretrained=path)``.
+   probe on an untrained (randomly initialised) backbone, a linear probe, full fine-tuning, VPT-deep, SSF, LoRA,
+   Block-LoRA and the side-tuning methods LST and UniPT, each built through vpeft's public API from the checkpoint
+   loaded back by ``vpeft.create_backbone(..., pretrained=path)``.
 4. Prints a table (accuracy mean +- std over seeds, trainable parameters, training time), writes ``results.json``
    and ``accuracy_vs_shots.png`` and says where they are.
 
-Runtime (measured on 2 shared CPU cores, 3 seeds): about 2.3 minutes end to end, of which ~35 s self-pretraining
-(skipped when cached) and ~95 s for the 105 few-shot runs.
+Runtime (measured on 2 shared CPU cores, 3 seeds): 3.2 minutes with the self-pretrained backbone cached, about 35 s
+more on the first run (self-pretraining); the 135 few-shot runs take most of it.
 
 Protocol (fixed before looking at any test number):
     * The K shots of a seed are the first K images of a seed-dependent permutation of each held-out class's training
@@ -421,6 +421,12 @@ def methods() -> list[Method]:
                description="LoRA rank 4 on the q and v slices of qkv"),
         Method("Block-LoRA (r=2, n=8)", (vpeft.BlockLoraConfig(),), lr=1e-2,
                description="Block-LoRA defaults: r=2, 8 blocks sharing one down-projection, on q, k, v"),
+        Method("LST (r=8)", (vpeft.LSTConfig(),), lr=1e-2,
+               description="ladder side network of width D/8 (magnitude-pruned from the backbone); no backprop "
+                           "through the backbone"),
+        Method("UniPT (r=2)", (vpeft.UniPTConfig(),), lr=1e-2,
+               description="parallel interaction + confidence aggregation over detached block inputs; no backprop "
+                           "through the backbone"),
     ]
 
 
