@@ -125,16 +125,44 @@ class SliceDeltaAdapter(Adapter):
         f = self.factors()
         names = list(f)
         a_all = torch.cat([f[n][0] for n in names], dim=0) if len(names) > 1 else f[names[0]][0]
-        h = self.dropout(x) @ a_all.t()
+        return self._up(self.dropout(x) @ a_all.t(), f)
+
+    def _up(self, h: torch.Tensor, f: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
         out, pos = {}, 0
-        for n in names:
-            a, b = f[n]
+        for n, (a, b) in f.items():
             out[n] = (h[..., pos:pos + a.shape[0]] @ b.t()) * self.scaling
             pos += a.shape[0]
         return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return add_into_slices(y, self.slices, self.deltas(x))
+        if type(self).deltas is not SliceDeltaAdapter.deltas:
+            return add_into_slices(y, self.slices, self.deltas(x))
+        # Plain low-rank factors: the up-projection, the scaling and the add into y run as one GEMM per slice
+        # (addmm, beta=1, alpha=scaling) instead of a matmul and two output-sized elementwise passes; autograd keeps
+        # the same tensors (the rank-sized h and B).
+        f = self.factors()
+        names = list(f)
+        a_all = torch.cat([f[n][0] for n in names], dim=0) if len(names) > 1 else f[names[0]][0]
+        h = self.dropout(x) @ a_all.t()
+        if h.dtype != y.dtype:  # mixed dtypes outside autocast: the unfused path's type promotion
+            return add_into_slices(y, self.slices, self._up(h, f))
+        h2, y2 = h.reshape(-1, h.shape[-1]), y.reshape(-1, y.shape[-1])
+        if "w" in self.slices:
+            return torch.addmm(y2, h2, f["w"][1].t(), alpha=self.scaling).view(y.shape)
+        rank_at, rpos = {}, 0  # where each slice's rank block sits in h (the order of factors())
+        for n in names:
+            rank_at[n], rpos = rpos, rpos + f[n][0].shape[0]
+        parts, pos = [], 0
+        for n, (lo, hi) in self.slices.items():  # ascending output positions
+            a, b = f[n]
+            if lo > pos:
+                parts.append(y2[:, pos:lo])
+            h_n = h2[:, rank_at[n]:rank_at[n] + a.shape[0]]
+            parts.append(torch.addmm(y2[:, lo:hi], h_n, b.t(), alpha=self.scaling))
+            pos = hi
+        if pos < y2.shape[-1]:
+            parts.append(y2[:, pos:])
+        return torch.cat(parts, dim=-1).view(y.shape)
 
     def delta_weight(self) -> dict[str, torch.Tensor]:
         """Slice name -> ``scaling * B @ A`` (out_slice, in)."""
