@@ -12,6 +12,11 @@ import torch.nn as nn
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU the Triton kernels run through Triton's interpreter (DESIGN section 7). Triton reads the switch when a
+# kernel is defined, so it is set here, before any test imports vpeft.kernels; torch code paths are unaffected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 TINY_CLIP = "vpeft-tiny-ViT"
 TINY_CLIP_CFG = dict(
     embed_dim=32,

@@ -165,6 +165,40 @@ def test_gradients_match_plain_formula(backbone):
             torch.testing.assert_close(got.grad, ref.grad, rtol=1e-5, atol=1e-5 * scale.item())
 
 
+def test_trainable_bias_gets_the_gradient_of_the_plain_formula():
+    """DoRA rescales ``W x`` but not the bias, so a bias that trains (DoRA composed with BitFit, or a partly unfrozen
+    backbone) gets ``sum(g)`` on every row, as without DoRA; checked against the formula through
+    ``functional_call``."""
+    model, x = tiny_vit(), images()
+    ref_model = copy.deepcopy(model)
+    cfg = DoRAConfig(r=4, alpha=8, targets=["q", "v"])
+    pm = vpeft.get_peft_model(model, [cfg])
+    perturb(pm)
+    probe = torch.randn(ref_model(x).shape, generator=torch.Generator().manual_seed(3))
+    biases = {}
+    for path, _ in dora_adapters(pm):
+        b = pm.base_model.get_parameter(f"{path}.bias")
+        b.requires_grad_(True)
+        biases[f"{path}.bias"] = b
+    (pm(x) * probe).sum().backward()
+
+    weights, ref_biases = {}, {}
+    for path, a in dora_adapters(pm):
+        w = ref_model.get_parameter(f"{path}.weight").detach()
+        rows, pos = [], 0
+        for name, (lo, hi) in a.slices.items():
+            v = w[lo:hi] + cfg.scaling * (a.lora_B[name].detach() @ a.lora_A[name].detach())
+            rows += [w[pos:lo], a.magnitude[name].detach()[:, None] * v / v.norm(dim=1, keepdim=True)]
+            pos = hi
+        rows.append(w[pos:])
+        weights[f"{path}.weight"] = torch.cat(rows)
+        ref_biases[f"{path}.bias"] = ref_model.get_parameter(f"{path}.bias").detach().clone().requires_grad_(True)
+    (ref_forward("timm", ref_model, {**weights, **ref_biases}, x) * probe).sum().backward()
+    for k, b in biases.items():
+        ref = ref_biases[k].grad
+        torch.testing.assert_close(b.grad, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 class _EncodeImage(torch.nn.Module):
     def __init__(self, model):
         super().__init__()

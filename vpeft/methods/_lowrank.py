@@ -134,6 +134,50 @@ class SliceDeltaAdapter(Adapter):
             pos += a.shape[0]
         return out
 
+    def kernel_unsupported(self, base: nn.Module) -> Optional[str]:
+        """Why ``vpeft.kernels`` cannot fuse this call with ``base``, or ``None`` when it can."""
+        if not isinstance(base, nn.Linear) and not isinstance(getattr(base, "in_proj_weight", None), torch.Tensor):
+            return f"the site's module is a {type(base).__name__}, not a Linear or packed attention"
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return "dropout on the low-rank branch is active (training with dropout > 0)"
+        return None
+
+    def kernel_factors(self) -> tuple[torch.Tensor, torch.Tensor, Optional[list[tuple[int, int]]]]:
+        """``(lora_A, lora_B, out_slices)`` in the layout of ``vpeft.kernels.lora_linear``: the slices in output
+        order with their A and B stacked (``out_slices=None`` for the whole output)."""
+        f = self.factors()
+        if "w" in self.slices:
+            return f["w"][0], f["w"][1], None
+        names = list(self.slices)  # ascending output positions
+        if len(names) == 1:
+            return f[names[0]][0], f[names[0]][1], [self.slices[names[0]]]
+        return (torch.cat([f[n][0] for n in names]), torch.cat([f[n][1] for n in names]),
+                [self.slices[n] for n in names])
+
+    def kernel_choice(self, op: str, x: torch.Tensor, base: nn.Module) -> str:
+        """Dispatch ``op`` for this call (recorded for ``repr``); raises when Triton is forced but cannot run."""
+        from ..kernels._dispatch import choose
+
+        why = self.kernel_unsupported(base)
+        backend = choose(op, (x, *site_weight(base)) if why is None else (x,), unsupported=why)
+        self.__dict__["kernel_backend"] = backend
+        return backend
+
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
+        """``base(x)`` plus the low-rank update in one Triton kernel (``vpeft.kernels.lora_linear``) when the
+        kernel dispatch chooses Triton; ``None`` otherwise (the torch path runs)."""
+        if self.kernel_choice("lora_linear", x, base) != "triton":
+            return None
+        from ..kernels.lora import lora_linear
+
+        weight, bias = site_weight(base)
+        lora_a, lora_b, out_slices = self.kernel_factors()
+        return lora_linear(x, weight, bias, lora_a, lora_b, self.scaling, out_slices=out_slices)
+
+    def extra_repr(self) -> str:
+        backend = self.__dict__.get("kernel_backend")
+        return f"slices={list(self.slices)}, scaling={self.scaling:g}" + (f", kernel={backend}" if backend else "")
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if type(self).deltas is not SliceDeltaAdapter.deltas:
             return add_into_slices(y, self.slices, self.deltas(x))

@@ -138,6 +138,15 @@ class Adapter(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return y
 
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
+        """``forward(x, base(x))`` computed by one fused kernel, or ``None`` to run the two separately.
+
+        Output sites call it on their first active adapter (the only one that sees the base output unchanged) when
+        the site is called with ``x`` alone. Adapters with a Triton kernel (``vpeft.kernels``) return its output
+        when the kernel dispatch chooses Triton; the default, and the torch path, is ``None``.
+        """
+        return None
+
     def pre(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # noqa: D102
         return x
 

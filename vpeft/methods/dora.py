@@ -50,7 +50,7 @@ Deviations from the reference implementation (NVlabs/DoRA, built on HF peft's Lo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn as nn
@@ -119,6 +119,19 @@ class DoRAAdapter(SliceDeltaAdapter):
             v = torch.addmm(weight[lo:hi].float(), b.float(), a.float(), alpha=self.scaling)
             out[n] = torch.linalg.vector_norm(v, dim=1).clamp_min_(_TINY)
         return out
+
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
+        """``base(x)`` with DoRA applied in one Triton kernel (``vpeft.kernels.dora_linear``) when the kernel
+        dispatch chooses Triton; ``None`` otherwise (the torch path runs)."""
+        if self.kernel_choice("dora_linear", x, base) != "triton":
+            return None
+        from ..kernels.dora import dora_linear
+
+        weight, bias = site_weight(base)
+        lora_a, lora_b, out_slices = self.kernel_factors()
+        names = list(self.slices)
+        magnitude = torch.cat([self.magnitude[n] for n in names]) if len(names) > 1 else self.magnitude[names[0]]
+        return dora_linear(x, weight, bias, lora_a, lora_b, magnitude, self.scaling, out_slices=out_slices)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         weight, bias = site_weight(self._base)
@@ -200,6 +213,7 @@ class _DoRAScale(torch.autograd.Function):
             out = z * scale
         ctx.save_for_backward(xa, lora_b, magnitude, inv_norm, x, weight)
         ctx.scaling = scaling
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return out
 
     @staticmethod
@@ -218,7 +232,12 @@ class _DoRAScale(torch.autograd.Function):
         if need[3]:
             z = x.to(weight.dtype) @ weight.t() + (xa @ lora_b.t()) * s  # W x + s B A x, recomputed
             grad_m = ((g * z.to(g.dtype)).reshape(-1, g.shape[-1]).sum(0) * inv_norm.to(g.dtype)).to(magnitude.dtype)
-        return grad_y, grad_xa, grad_b, grad_m, None, None, None, None, None
+        # out = z * scale + bias * (1 - scale): y already carries bias (its gradient reaches the bias through
+        # grad_y), so the direct term is the rest, and a trainable bias gets sum(g) in total, as without DoRA's scale.
+        grad_bias = None
+        if need[7]:
+            grad_bias = (g * (1 - scale)).reshape(-1, g.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_y, grad_xa, grad_b, grad_m, None, None, None, grad_bias, None
 
 
 @register_method

@@ -75,8 +75,13 @@ class OutputLayer(AdapterLayer):
     """Wrapper for modules whose output the adapters transform: Linear, LayerNorm, patch conv, embedding."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base_layer(x, *args, **kwargs)
-        for a in self.active():
+        active = self.active()
+        y = active[0].fused_forward(x, self.base_layer) if active and not args and not kwargs else None
+        if y is None:
+            y = self.base_layer(x, *args, **kwargs)
+        else:  # the first adapter ran fused with the base module
+            active = active[1:]
+        for a in active:
             y = a(x, y)
         return y
 
@@ -113,8 +118,11 @@ class PackedAttentionLayer(AdapterLayer):
         attn = self.base_layer
 
         def in_proj(x: torch.Tensor) -> torch.Tensor:
-            y = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
-            for a in active:
+            y = active[0].fused_forward(x, attn) if active else None
+            rest = active[1:] if y is not None else active
+            if y is None:
+                y = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+            for a in rest:
                 y = a(x, y)
             return y
 

@@ -65,6 +65,32 @@ class AffineAdapter(Adapter):
         shape[self.channel_dim] = -1
         return p.view(shape)
 
+    def fused_forward(self, x: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]:
+        """LayerNorm then scale and shift in one Triton kernel (``vpeft.kernels.ssf_layernorm``) on norm sites when
+        the kernel dispatch chooses Triton; ``None`` otherwise (the torch path runs)."""
+        if self.site.kind != "norm":
+            return None  # only the norm sites have a fused kernel; other sites keep the torch path in every mode
+        from ..kernels._dispatch import choose
+
+        why = None
+        if not isinstance(base, nn.LayerNorm) or len(base.normalized_shape) != 1:
+            why = f"the norm is a {type(base).__name__}, not a LayerNorm over the last dimension"
+        elif self.channel_dim not in (-1, x.dim() - 1):
+            why = "the scale and shift are not on the last dimension"
+        ref = self.scale if self.scale is not None else self.shift
+        self.__dict__["kernel_backend"] = choose("ssf_layernorm", (x, ref), unsupported=why)
+        if self.kernel_backend != "triton":
+            return None
+        from ..kernels.ssf import ssf_layernorm
+
+        scale = self.scale if self.scale is not None else torch.ones_like(ref)
+        shift = self.shift if self.shift is not None else torch.zeros_like(ref)
+        return ssf_layernorm(x, base.weight, base.bias, scale, shift, base.eps)
+
+    def extra_repr(self) -> str:
+        backend = self.__dict__.get("kernel_backend")
+        return f"site={self.site.qualified!r}" + (f", kernel={backend}" if backend else "")
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         if self.scale is not None:
             y = y * self._view(self.scale, y)
