@@ -51,6 +51,9 @@ def _check_block_sites(model, spec, tower: str, prefix: str, attn_kind: str, nam
             assert kinds == {"block"}
         elif site.startswith("norm"):
             assert kinds == {"norm"} and all(isinstance(model.get_submodule(p), nn.LayerNorm) for p in _paths(sites))
+        elif site == "mlp":  # the whole MLP module: its input is the norm2 output, its output what the residual adds
+            assert kinds == {"other"} and all(model.get_submodule(p) is model.get_submodule(p.rsplit(".", 1)[0]).mlp
+                                              for p in _paths(sites))
         elif site in ("q", "k", "v", "qkv"):
             assert kinds == {attn_kind}
             assert {s.out_slice for s in sites} == {SLICES.get(site)}
@@ -69,7 +72,7 @@ def test_timm_vit_spec():
     assert (tower.depth, tower.width, tower.num_heads, tower.num_prefix_tokens) == (2, 64, 4, 1)
     _check_block_sites(model, spec, "", "blocks.", "linear", {
         "block": "", "norm1": ".norm1", "q": ".attn.qkv", "k": ".attn.qkv", "v": ".attn.qkv", "qkv": ".attn.qkv",
-        "attn_out": ".attn.proj", "norm2": ".norm2", "mlp_in": ".mlp.fc1", "mlp_out": ".mlp.fc2"})
+        "attn_out": ".attn.proj", "norm2": ".norm2", "mlp": ".mlp", "mlp_in": ".mlp.fc1", "mlp_out": ".mlp.fc2"})
     (emb,), (fin,), (head,) = (spec.resolve(model, n) for n in ("embed", "final_norm", "head"))
     assert (emb.path, emb.kind, emb.layer) == ("patch_embed.proj", "conv", None)
     assert (fin.path, fin.kind) == ("norm", "norm")
@@ -128,7 +131,8 @@ def test_resolve_layers_subset():
 # --- open_clip -------------------------------------------------------------------------------------------------------
 
 OC_BLOCK = {"block": "", "norm1": ".ln_1", "q": ".attn", "k": ".attn", "v": ".attn", "qkv": ".attn",
-            "attn_out": ".attn.out_proj", "norm2": ".ln_2", "mlp_in": ".mlp.c_fc", "mlp_out": ".mlp.c_proj"}
+            "attn_out": ".attn.out_proj", "norm2": ".ln_2", "mlp": ".mlp", "mlp_in": ".mlp.c_fc",
+            "mlp_out": ".mlp.c_proj"}
 
 
 @pytest.mark.parametrize("arch", [CLIP, CLIP_QK_NORM, CLIP_CUSTOM, CLIP_CUSTOM_TEXT, CLIP_NORMFORMER])

@@ -13,7 +13,9 @@ from typing import Callable, Optional, Sequence
 import torch.nn as nn
 
 #: Semantic names of per-block sites.
-BLOCK_SITES = ("block", "norm1", "qkv", "q", "k", "v", "attn_out", "norm2", "mlp_in", "mlp_out")
+#: ``mlp`` is the whole MLP sub-module (input: the ``norm2`` output; output: what the residual adds), the site of
+#: parallel adapters such as AdaptFormer.
+BLOCK_SITES = ("block", "norm1", "qkv", "q", "k", "v", "attn_out", "norm2", "mlp", "mlp_in", "mlp_out")
 #: Semantic names of per-tower (not per-block) sites.
 GLOBAL_SITES = ("embed", "pre_norm", "final_norm", "head")
 ALL_SITES = GLOBAL_SITES[:2] + BLOCK_SITES + GLOBAL_SITES[2:]

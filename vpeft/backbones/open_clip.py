@@ -123,7 +123,7 @@ def _oc_classes():
     return CLIP, CustomTextCLIP, VisionTransformer, TextTransformer
 
 
-_BLOCK_SITES = {"norm1": "ln_1", "attn": "attn", "attn_out": "attn.out_proj", "norm2": "ln_2",
+_BLOCK_SITES = {"norm1": "ln_1", "attn": "attn", "attn_out": "attn.out_proj", "norm2": "ln_2", "mlp": "mlp",
                 "mlp_in": "mlp.c_fc", "mlp_out": "mlp.c_proj"}
 
 

@@ -149,7 +149,7 @@ def timm_vit_spec(model: nn.Module) -> BackboneSpec:
         num_heads=blk.attn.num_heads,
         block="blocks.{i}",
         block_sites={"norm1": "norm1", "attn": "attn", "qkv": "attn.qkv", "attn_out": "attn.proj",
-                     "norm2": "norm2", "mlp_in": "mlp.fc1", "mlp_out": "mlp.fc2"},
+                     "norm2": "norm2", "mlp": "mlp", "mlp_in": "mlp.fc1", "mlp_out": "mlp.fc2"},
         global_sites=global_sites,
         attention="fused_linear",
         num_prefix_tokens=model.num_prefix_tokens,
