@@ -272,19 +272,31 @@ def _rank_block(rank: int) -> int:
     return max(16, _next_pow2(rank))
 
 
+#: Compiled-kernel tiles: ``small`` below ``big_m`` rows, ``big`` from there on; ``BLOCK_K`` for 16-bit inputs
+#: (fp32 takes half: the same bytes per load). ``big`` is the fastest of 8 tilings swept by
+#: ``benchmarks/kernel_tuning.py`` on an H200 (bf16, ViT-B/16 b32 and b128, ViT-L/14 b128): it won 5 of the 6 cases
+#: (LoRA on q,v: 0.39x / 0.68x / 1.07x the eager time, against 0.50x / 0.90x / 1.19x for 128 x 128 x 64, 8 warps,
+#: 3 stages); 128 x 128 stays faster only for LoRA on the whole qkv at batch 32 (1.02x vs 1.40x eager).
+GPU_TILES = dict(
+    big_m=4096,
+    small=dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
+    big=dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+)
+
+
 def _config(m: int, dtype: torch.dtype) -> dict:
     """Fixed tile sizes (no autotuning: it would dominate under the interpreter and on first GPU calls).
 
-    On GPU: 64 x 64 output tiles for ViT/CLIP-length inputs (a few hundred to a few thousand rows, where 128-row
-    tiles would leave most SMs idle), 128 x 128 once there are enough rows to fill the machine; 16-bit inputs take
-    a longer K step (the same bytes per load). Under the interpreter the small-input tiles are used for every M:
-    the CPU tests then run exactly the tiling of short sequences, and the interpreter's cost grows with the number
-    of programs and ops, not with tile area, so 64-wide tiles run faster there than 32-wide ones.
+    On GPU (:data:`GPU_TILES`): 64 x 64 output tiles for short inputs (up to a few thousand rows, where 128-row tiles
+    would leave most SMs idle), 128 x 64 once there are enough rows to fill the machine.
+    Under the interpreter the small-input tiles are used for every M: the CPU tests then run exactly the tiling of
+    short sequences, and the interpreter's cost grows with the number of programs and ops, not with tile area, so
+    64-wide tiles run faster there than 32-wide ones.
     """
-    big = m >= 4096 and not interpreting()
-    block_k = 32 if dtype == torch.float32 else 64
-    return dict(BLOCK_M=128 if big else 64, BLOCK_N=128 if big else 64, BLOCK_K=block_k,
-                num_warps=8 if big else 4, num_stages=3)
+    cfg = dict(GPU_TILES["big" if m >= GPU_TILES["big_m"] and not interpreting() else "small"])
+    if dtype == torch.float32:
+        cfg["BLOCK_K"] = max(16, cfg["BLOCK_K"] // 2)
+    return cfg
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
