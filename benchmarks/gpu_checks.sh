@@ -12,6 +12,9 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/env.txt"
+# 0. Tile sweep of the DoRA kernels (lora_linear and masked_linear defaults come from an earlier sweep).
+timeout 120 python3 -m benchmarks.kernel_tuning --ops dora_linear --json "$OUT/tuning_dora.json" 2>&1 \
+  | tee "$OUT/tuning_dora.log"
 # 1. GPU-only tests: compiled kernels in fp32/fp16/bf16, adapters on CUDA in mode auto.
 timeout 180 python3 -m pytest tests/kernels -m gpu -q -p no:cacheprovider -rA 2>&1 | tee "$OUT/gpu_tests.log"
 # 2. Every op, ViT-B/16 and ViT-L/14 shapes, batch 32 and 128, bf16: Triton vs eager reference.

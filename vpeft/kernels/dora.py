@@ -407,16 +407,28 @@ def _interpreting() -> bool:
     return interpreting()
 
 
+#: Compiled-kernel tiles (caps; the row block shrinks for short inputs), warps and pipeline stages.
+#: ``benchmarks/kernel_tuning.py`` sweeps these on a GPU.
+GPU_TILES = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
+
+
 def _blocks(m: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """``(BLOCK_M, BLOCK_N, BLOCK_K)``: fixed tiles, no autotuning (the interpreter would run every candidate).
 
-    64-wide tiles with a K step of 64 (32 for float32 on GPU, whose tiles are twice the bytes); the row block shrinks
-    for short inputs, down to ``tl.dot``'s minimum of 16. The interpreter's cost is per op and per program, not per
-    element, so the same 64-wide tiles also keep the CPU tests fast.
+    :data:`GPU_TILES` compiled, with a K step halved for float32 (whose tiles are twice the bytes); 64-wide tiles
+    with a K step of 64 under the interpreter, whose cost is per op and per program, not per element. The row block
+    shrinks for short inputs, down to ``tl.dot``'s minimum of 16.
     """
-    bm = min(64, max(16, triton.next_power_of_2(m)))
-    bk = 32 if dtype == torch.float32 and not _interpreting() else 64
-    return bm, 64, bk
+    if _interpreting():
+        return min(64, max(16, triton.next_power_of_2(m))), 64, 64
+    bm = min(GPU_TILES["BLOCK_M"], max(16, triton.next_power_of_2(m)))
+    bk = GPU_TILES["BLOCK_K"] // 2 if dtype == torch.float32 else GPU_TILES["BLOCK_K"]
+    return bm, GPU_TILES["BLOCK_N"], max(16, bk)
+
+
+def _launch() -> dict:
+    """Launch options of the compiled kernels (the interpreter ignores them)."""
+    return dict(num_warps=GPU_TILES["num_warps"], num_stages=GPU_TILES["num_stages"])
 
 
 def _rank_block(r: int) -> int:
@@ -498,7 +510,7 @@ class _DoRALinear(torch.autograd.Function):
                 x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
                 lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), h.stride(0), h.stride(1),
                 HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                BLOCK_R=_rank_block(r))
+                BLOCK_R=_rank_block(r), **_launch())
         ctx.save_for_backward(x2, h, weight, lora_A, lora_B, magnitude, inv)
         ctx.scaling, ctx.slices, ctx.r, ctx.x_shape = float(scaling), slices, r, x.shape
         return y.view(*x.shape[:-1], n)
@@ -535,7 +547,7 @@ class _DoRALinear(torch.autograd.Function):
                     x2.stride(0), x2.stride(1), weight.stride(0), weight.stride(1), h.stride(0), h.stride(1),
                     lora_B.stride(0), lora_B.stride(1), g.stride(0), g.stride(1),
                     NEED_M=bool(need_m), NEED_B=bool(need_b), PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                    BLOCK_R=_rank_block(r))
+                    BLOCK_R=_rank_block(r), **_launch())
             if need_m:
                 dmag = (pm.sum(0) * inv).to(magnitude.dtype)
             if need_b:
@@ -551,7 +563,7 @@ class _DoRALinear(torch.autograd.Function):
                     g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), lora_A.stride(0), lora_A.stride(1),
                     lora_B.stride(0), lora_B.stride(1), dx2.stride(0), dx2.stride(1), dh.stride(0), dh.stride(1),
                     NEED_X=bool(need_x), STORE_DH=bool(need_a), PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                    BLOCK_RT=_rank_block(r_total))
+                    BLOCK_RT=_rank_block(r_total), **_launch())
             if need_x:
                 dx = dx2.view(ctx.x_shape)
             if need_a:
