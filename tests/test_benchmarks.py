@@ -83,3 +83,21 @@ def test_numbers_match_independent_expectations(tiny_run):
     full = rows["full_ft"]["saved_bytes"]
     assert rows["lst"]["saved_bytes"] < 0.15 * full and rows["unipt"]["saved_bytes"] < 0.15 * full
     assert rows["linear_probe"]["saved_bytes"] < rows["lst"]["saved_bytes"] < rows["lora"]["saved_bytes"] < full
+
+
+def test_adapter_family_rows(tmp_path):
+    """Every adapter-family method gets a benchmark row; NOLA merges to exactly the backbone's FLOPs, the others
+    (nonlinear adapters) report no merged cost and add inference FLOPs."""
+    pytest.importorskip("timm")
+    methods = ["adaptformer", "mosa", "compacter", "nola", "earth_adapter"]
+    rows = bench.main(["--model", "timm:vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2", "--reps", "1",
+                       "--threads", "1", "--methods", *methods, "--json", str(tmp_path / "out.json")])
+    by = {r["method"]: r for r in rows}
+    assert set(methods) <= set(by)
+    plain = by["full_ft"]["infer_flops"]
+    assert by["nola"]["merged_infer_flops"] == plain
+    for m in ("adaptformer", "mosa", "compacter", "earth_adapter"):
+        assert by[m]["merged_infer_flops"] is None and by[m]["infer_flops"] > plain, m
+    # MoSA at inference is one dense adapter of AdaptFormer's size: the same FLOPs, the same parameter count.
+    assert by["mosa"]["infer_flops"] == by["adaptformer"]["infer_flops"]
+    assert by["mosa"]["trainable_params"] == by["adaptformer"]["trainable_params"]

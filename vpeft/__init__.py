@@ -15,13 +15,16 @@ from .clip import ClipClassifier, build_zero_shot_classifier
 from .methods import (
     Adapter,
     AdapterLayer,
+    AdaptFormerConfig,
     BitFitConfig,
     BlockLoraConfig,
     CoCoOpConfig,
+    CompacterConfig,
     CompLoraConfig,
     CoOpConfig,
     DiffFitConfig,
     DoRAConfig,
+    EarthAdapterConfig,
     ForwardContext,
     IVLPConfig,
     LNTuneConfig,
@@ -29,6 +32,8 @@ from .methods import (
     LSTConfig,
     MaPLeConfig,
     Method,
+    MoSAConfig,
+    NOLAConfig,
     PeftConfig,
     PeftModel,
     PromptSRCConfig,
@@ -42,9 +47,10 @@ from .methods import (
 )
 from .methods.importers import load_official_prompts
 
-__all__ = ["Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig", "ClipClassifier",
-           "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext",
-           "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel",
+__all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig",
+           "ClipClassifier", "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig",
+           "DoRAConfig", "EarthAdapterConfig", "ForwardContext", "IVLPConfig", "LNTuneConfig", "LSTConfig",
+           "LoraConfig", "MaPLeConfig", "Method", "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel",
            "PromptSRCConfig", "SSFConfig", "Site", "UniPTConfig", "VPTConfig", "build_zero_shot_classifier",
            "create_backbone", "get_method", "get_peft_model", "get_spec", "list_backbones", "list_methods",
            "load_official_prompts", "register_backbone", "register_method", "__version__"]

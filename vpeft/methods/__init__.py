@@ -1,24 +1,30 @@
 """PEFT methods: the method contract, the registry, ``PeftModel`` and the built-in methods."""
 
+from .adaptformer import AdaptFormerConfig
 from .base import Adapter, ForwardContext, Method, PeftConfig, get_method, list_methods, register_method
 from .bitfit import BitFitConfig, DiffFitConfig, LNTuneConfig
 from .block_lora import BlockLoraConfig
 from .cocoop import CoCoOpConfig
 from .comp_lora import CompLoraConfig
+from .compacter import CompacterConfig
 from .coop import CoOpConfig
 from .dora import DoRAConfig
+from .earth_adapter import EarthAdapterConfig
 from .ivlp import IVLPConfig
 from .layers import AdapterLayer
 from .lora import LoraConfig
 from .lst import LSTConfig
 from .maple import MaPLeConfig
+from .mosa import MoSAConfig
+from .nola import NOLAConfig
 from .peft_model import PeftModel, get_peft_model
 from .promptsrc import PromptSRCConfig
 from .ssf import SSFConfig
 from .unipt import UniPTConfig
 from .vpt import VPTConfig
 
-__all__ = ["Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig", "CoOpConfig",
-           "CompLoraConfig", "DiffFitConfig", "DoRAConfig", "ForwardContext", "IVLPConfig", "LNTuneConfig",
-           "LSTConfig", "LoraConfig", "MaPLeConfig", "Method", "PeftConfig", "PeftModel", "PromptSRCConfig",
-           "SSFConfig", "UniPTConfig", "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]
+__all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig",
+           "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig", "DoRAConfig", "EarthAdapterConfig",
+           "ForwardContext", "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig", "Method",
+           "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel", "PromptSRCConfig", "SSFConfig", "UniPTConfig",
+           "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]

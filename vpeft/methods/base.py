@@ -238,16 +238,21 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 def _ensure_builtin() -> None:
     from . import (  # noqa: F401
+        adaptformer,
         bitfit,
         block_lora,
         cocoop,
         comp_lora,
+        compacter,
         coop,
         dora,
+        earth_adapter,
         ivlp,
         lora,
         lst,
         maple,
+        mosa,
+        nola,
         promptsrc,
         ssf,
         unipt,
