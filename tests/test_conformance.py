@@ -42,8 +42,8 @@ def applicable(method: str, case: Case) -> bool:
 
 
 def supported(method: str, case: Case) -> bool:
-    # VPT and Earth-Adapter need an image tower; text-prompt methods attach to fixed CLIP sites (clip_prompt) and refuse towers/targets
-    # or a backbone without a text tower; every other built-in method applies to all cases.
+    # VPT and Earth-Adapter need an image tower; text-prompt methods attach to fixed CLIP sites (clip_prompt) and
+    # refuse towers/targets or a backbone without a text tower; every other built-in method applies to all cases.
     if is_text_prompt(method):
         return case.name == "clip_prompt"
     # Earth-Adapter's frequency split needs a 2-D patch grid: it refuses the text tower.
