@@ -62,15 +62,20 @@ class Case:
     towers: Optional[list[str]] = None
 
 
-def _images() -> torch.Tensor:
+def images() -> torch.Tensor:
+    """Two 32x32 RGB images, seeded."""
     return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
-def _tokens() -> torch.Tensor:
+def tokens() -> torch.Tensor:
+    """Two 16-token texts for the tiny CLIP, seeded."""
     g = torch.Generator().manual_seed(2)
     t = torch.randint(1, 98, (2, 16), generator=g)
     t[:, 10] = 99  # "end of text": the highest id, where open_clip pools
     return t
+
+
+_images, _tokens = images, tokens
 
 
 #: Placeholder id of learned text context in the tiny CLIP's vocabulary (start-of-text = vocab_size - 2).

@@ -111,18 +111,11 @@ def _manual_test_accuracy(root: str, fit_card: dict) -> float:
     return correct / len(data)
 
 
-@pytest.mark.parametrize("method", ["lst", "unipt"])
-def test_side_tuning_trains_and_reloads_through_the_cli(method, coop_root, tmp_path):
-    """The side-tuning presets train under ``vpeft fit`` (side network + head only) and the exported adapter gives
-    the checkpoint's test metrics."""
-    pytest.importorskip("lightning")
-    out = tmp_path / "run"
+def fit_then_test_both_ways(method: str, coop_root: str, out: Path) -> tuple[dict, dict]:
+    """``vpeft fit`` one epoch of ``method``'s preset, then ``vpeft test`` from the checkpoint and from the exported
+    adapter; asserts both give the same metrics. Returns the fit card and the adapter's tensors."""
     assert main(["fit", *cli_args(coop_root, out, "--trainer.max_epochs=1", method=method)]) == 0
     fit = card(out, "fit")
-    names = set(adapter_tensors(fit["adapter_dir"]))
-    assert any(n.startswith(f"_shared.{method}.") for n in names) and any(n.startswith("head.") for n in names)
-    assert fit["params"]["trainable"] == sum(t.numel() for t in adapter_tensors(fit["adapter_dir"]).values())
-
     configs = ["-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "data/caltech101.yaml")]
     # the same batches in both runs (the loss is averaged over batches: other batch sizes change its last bits)
     flags = ["--data.root", coop_root, "--data.shots", "8", "--data.num_workers", "0", "--data.batch_size", "8",
@@ -133,6 +126,18 @@ def test_side_tuning_trains_and_reloads_through_the_cli(method, coop_root, tmp_p
     assert main(["test", *configs, "-c", str(CONFIGS / "experiment/tiny_cpu.yaml"), *flags,
                  "--trainer.default_root_dir", str(out / "adapter"), "--model.adapter", fit["adapter_dir"]]) == 0
     assert card(out / "adapter", "test")["metrics"] == card(out / "ckpt", "test")["metrics"]
+    return fit, adapter_tensors(fit["adapter_dir"])
+
+
+@pytest.mark.parametrize("method", ["lst", "unipt"])
+def test_side_tuning_trains_and_reloads_through_the_cli(method, coop_root, tmp_path):
+    """The side-tuning presets train under ``vpeft fit`` (side network + head only) and the exported adapter gives
+    the checkpoint's test metrics."""
+    pytest.importorskip("lightning")
+    fit, tensors = fit_then_test_both_ways(method, coop_root, tmp_path / "run")
+    names = set(tensors)
+    assert any(n.startswith(f"_shared.{method}.") for n in names) and any(n.startswith("head.") for n in names)
+    assert fit["params"]["trainable"] == sum(t.numel() for t in tensors.values())
 
 
 @pytest.mark.parametrize("method", ["adaptformer", "mosa", "compacter", "nola", "earth_adapter"])
@@ -141,21 +146,7 @@ def test_adapter_family_trains_and_reloads_through_the_cli(method, coop_root, tm
     the checkpoint's test metrics (MoSA's eval forward is its merged dense adapter; NOLA rebuilds its bases from
     the saved seed)."""
     pytest.importorskip("lightning")
-    out = tmp_path / "run"
-    assert main(["fit", *cli_args(coop_root, out, "--trainer.max_epochs=1", method=method)]) == 0
-    fit = card(out, "fit")
-    tensors = adapter_tensors(fit["adapter_dir"])
+    fit, tensors = fit_then_test_both_ways(method, coop_root, tmp_path / "run")
     assert any(f".{method}." in n for n in tensors) and any(n.startswith("head.") for n in tensors)
     # Trainable parameters are what the file holds, less non-trainable state (NOLA's seed).
-    floats = sum(t.numel() for t in tensors.values() if t.is_floating_point())
-    assert fit["params"]["trainable"] == floats
-
-    configs = ["-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "data/caltech101.yaml")]
-    flags = ["--data.root", coop_root, "--data.shots", "8", "--data.num_workers", "0", "--data.batch_size", "8",
-             "--trainer.enable_progress_bar=false"]
-    last = Path(fit["checkpoints"]["dir"]) / "last.ckpt"
-    assert main(["test", *configs, *flags, "--trainer.default_root_dir", str(out / "ckpt"), "--ckpt_path",
-                 str(last)]) == 0
-    assert main(["test", *configs, "-c", str(CONFIGS / "experiment/tiny_cpu.yaml"), *flags,
-                 "--trainer.default_root_dir", str(out / "adapter"), "--model.adapter", fit["adapter_dir"]]) == 0
-    assert card(out / "adapter", "test")["metrics"] == card(out / "ckpt", "test")["metrics"]
+    assert fit["params"]["trainable"] == sum(t.numel() for t in tensors.values() if t.is_floating_point())

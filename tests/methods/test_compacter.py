@@ -9,21 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_clip, make_timm, rel_err
+from conftest import images, make_clip, make_timm, rel_err, tokens
 
 import vpeft
 from vpeft.methods.compacter import CompacterConfig
 from vpeft.methods.layers import AdapterLayer
-
-
-def images() -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def tokens() -> torch.Tensor:
-    t = torch.randint(1, 98, (2, 16), generator=torch.Generator().manual_seed(2))
-    t[:, 10] = 99
-    return t
 
 
 def run_clip(m, x):

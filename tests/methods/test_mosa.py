@@ -8,24 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_clip, make_timm, rel_err
+from conftest import images, make_clip, make_timm, rel_err, tokens
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
 from vpeft.methods.adaptformer import AdaptFormerConfig, BottleneckAdapter
 from vpeft.methods.layers import AdapterLayer
 from vpeft.methods.mosa import MoSAAdapter, MoSAConfig, consistency_loss, merge_to_adaptformer
-
-
-def images() -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def tokens() -> torch.Tensor:
-    t = torch.randint(1, 98, (2, 16), generator=torch.Generator().manual_seed(2))
-    t[:, 10] = 99
-    return t
-
 
 BACKBONES = {
     "timm": (make_timm, lambda m, x: m(x), None, images),

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_clip, make_timm, rel_err
+from conftest import images, make_clip, make_timm, rel_err, tokens
 from safetensors.torch import load_file, save_file
 
 import vpeft
@@ -20,16 +20,6 @@ from vpeft.methods.nola import NOLAConfig
 from vpeft.methods.peft_model import canonical_name
 
 KA, KB = 48, 40  # small, unequal basis counts so that a swapped k / l would show
-
-
-def images() -> torch.Tensor:
-    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-
-def tokens() -> torch.Tensor:
-    t = torch.randint(1, 98, (2, 16), generator=torch.Generator().manual_seed(2))
-    t[:, 10] = 99
-    return t
 
 
 def run_clip(m, x):
