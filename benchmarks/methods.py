@@ -119,7 +119,7 @@ class Suite:
     def __init__(self, model_id: str, num_classes: int, img_size: Optional[int], r: int) -> None:
         import vpeft
 
-        self.model_id, self.r = model_id, r
+        self.model_id, self.r, self.num_classes = model_id, r, num_classes
         self.family = model_id.split(":", 1)[0]
         torch.manual_seed(0)
         if self.family == "timm":
@@ -172,8 +172,19 @@ class Suite:
         return Entry("linear_probe", "head only", net, lambda d: M.save_tensors(net.head, f"{d}/head.safetensors"))
 
     def vpeft(self, name: str, config) -> Entry:
-        import vpeft
+        import torch.nn.functional as F
 
+        import vpeft
+        from vpeft.methods._calibration import needs_calibration
+
+        if needs_calibration(config):
+            # Mask tuning and SPT place their parameters from training gradients: one seeded random batch here, so
+            # the placement is arbitrary but the counts (and so every cost measured) are the method's.
+            gen = torch.Generator().manual_seed(2)
+            xb = torch.randn(2, 3, *self.image_size, generator=gen)
+            yb = torch.randint(0, self.num_classes, (2,), generator=gen)
+            (config,) = vpeft.calibrate(self.fresh(), [config], [(xb, yb)],
+                                        loss_fn=lambda m, x, y: F.cross_entropy(self._wrap(m)(x), y))
         pm = vpeft.get_peft_model(self.fresh(), config, trainable_extra=self.extra)  # ValueError: does not fit
         net = self._wrap(pm)
 
@@ -209,15 +220,37 @@ def _describe(config) -> str:
     return f"{type(config).__name__}({', '.join(f'{k}={v!r}' for k, v in d.items())})"
 
 
-def build_entries(suite: Suite, only: Optional[list[str]]) -> tuple[list[Entry], list[dict[str, str]]]:
-    """All rows in order, and the skipped ones with the reason."""
+def parse_overrides(items: list[str], error: Callable[[str], Any]) -> dict[str, dict[str, Any]]:
+    """``["spt.budget=200000", ...]`` -> ``{"spt": {"budget": 200000}}``; ``error`` is called on a malformed item."""
+    import ast
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        method, dot, field_name = key.partition(".")
+        if not (eq and dot and method and field_name):
+            error(f"--set takes METHOD.FIELD=VALUE, got {item!r}")
+        try:
+            out.setdefault(method, {})[field_name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            error(f"--set {item!r}: VALUE must be a Python literal (number, string in quotes, list...)")
+    return out
+
+
+def build_entries(suite: Suite, only: Optional[list[str]], overrides: Optional[dict[str, dict[str, Any]]] = None
+                  ) -> tuple[list[Entry], list[dict[str, str]]]:
+    """All rows in order, and the skipped ones with the reason; ``overrides`` changes registered methods' configs."""
     import vpeft
     from vpeft.methods.base import get_method
     from vpeft.methods.dora import DoRAConfig
 
     plans: list[tuple[str, Callable[[], Entry]]] = [("full_ft", suite.full_ft), ("linear_probe", suite.linear_probe)]
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(vpeft.list_methods()))
+    if unknown:
+        raise ValueError(f"--set names unknown methods {unknown}; registered: {vpeft.list_methods()}")
     for m in vpeft.list_methods():
-        plans.append((m, lambda m=m: suite.vpeft(m, get_method(m).config_class())))
+        plans.append((m, lambda m=m: suite.vpeft(m, get_method(m).config_class(**overrides.get(m, {})))))
     r = suite.r
     # each vpeft row next to its HF peft counterpart, so that they run back to back in every timed round
     plans += [("vpeft_lora_qkv", lambda: suite.vpeft("vpeft_lora_qkv", vpeft.LoraConfig(r=r, alpha=r,
@@ -270,6 +303,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     ap.add_argument("--reps", type=int, default=5, help="timed rounds over all methods (after one warm-up round)")
     ap.add_argument("--img-size", type=int, default=None, help="timm only: smaller images for smoke runs")
     ap.add_argument("--methods", nargs="+", default=None, help="only these rows (full_ft is always run)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="METHOD.FIELD=VALUE", dest="overrides",
+                    help="change a registered method's paper-default config, e.g. spt.budget=200000 (VALUE is a "
+                         "Python literal)")
     ap.add_argument("--json", default=None, help="rows as JSON; ratios etc. go to <stem>.ratios.json")
     ap.add_argument("--png", default=None, help="chart of saved bytes vs trainable params")
     args = ap.parse_args(argv)
@@ -281,7 +317,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
 
     suite = Suite(args.model, args.num_classes, args.img_size, args.r)
-    entries, skipped = build_entries(suite, args.methods)
+    entries, skipped = build_entries(suite, args.methods, parse_overrides(args.overrides, ap.error))
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, *suite.image_size, generator=gen)
     y = torch.randint(0, args.num_classes, (args.batch_size,), generator=gen)

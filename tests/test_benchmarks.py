@@ -86,16 +86,20 @@ def test_numbers_match_independent_expectations(tiny_run):
 
 
 def test_adapter_family_rows(tmp_path):
-    """Every adapter-family method gets a benchmark row; NOLA merges to exactly the backbone's FLOPs, the others
-    (nonlinear adapters) report no merged cost and add inference FLOPs."""
+    """Every adapter-family, mask and sparse method gets a benchmark row; NOLA, mask tuning and SPT merge to exactly
+    the backbone's FLOPs, the others (nonlinear adapters) report no merged cost and add inference FLOPs."""
     pytest.importorskip("timm")
-    methods = ["adaptformer", "mosa", "compacter", "nola", "earth_adapter"]
+    methods = ["adaptformer", "mosa", "compacter", "nola", "earth_adapter", "mask", "spt"]
     rows = bench.main(["--model", "timm:vit_tiny_patch16_224", "--img-size", "32", "--batch-size", "2", "--reps", "1",
-                       "--threads", "1", "--methods", *methods, "--json", str(tmp_path / "out.json")])
+                       "--threads", "1", "--methods", "linear_probe", *methods, "--set", "spt.budget=20000",
+                       "--json", str(tmp_path / "out.json")])
     by = {r["method"]: r for r in rows}
     assert set(methods) <= set(by)
     plain = by["full_ft"]["infer_flops"]
-    assert by["nola"]["merged_infer_flops"] == plain
+    for m in ("nola", "mask", "spt"):  # weight deltas and masks merge: exactly the backbone's FLOPs
+        assert by[m]["merged_infer_flops"] == plain, m
+    # SPT (budget 20,000 here: ViT-Ti cannot take the 400k default, see its error) trains exactly the budget + head
+    assert by["spt"]["trainable_params"] == 20_000 + by["linear_probe"]["trainable_params"]
     for m in ("adaptformer", "mosa", "compacter", "earth_adapter"):
         assert by[m]["merged_infer_flops"] is None and by[m]["infer_flops"] > plain, m
     # MoSA at inference is one dense adapter of AdaptFormer's size: the same FLOPs, the same parameter count.

@@ -111,10 +111,10 @@ def _manual_test_accuracy(root: str, fit_card: dict) -> float:
     return correct / len(data)
 
 
-def fit_then_test_both_ways(method: str, coop_root: str, out: Path) -> tuple[dict, dict]:
+def fit_then_test_both_ways(method: str, coop_root: str, out: Path, *extra: str) -> tuple[dict, dict]:
     """``vpeft fit`` one epoch of ``method``'s preset, then ``vpeft test`` from the checkpoint and from the exported
     adapter; asserts both give the same metrics. Returns the fit card and the adapter's tensors."""
-    assert main(["fit", *cli_args(coop_root, out, "--trainer.max_epochs=1", method=method)]) == 0
+    assert main(["fit", *cli_args(coop_root, out, "--trainer.max_epochs=1", *extra, method=method)]) == 0
     fit = card(out, "fit")
     configs = ["-c", str(CONFIGS / "trainer/cpu.yaml"), "-c", str(CONFIGS / "data/caltech101.yaml")]
     # the same batches in both runs (the loss is averaged over batches: other batch sizes change its last bits)
@@ -150,3 +150,19 @@ def test_adapter_family_trains_and_reloads_through_the_cli(method, coop_root, tm
     assert any(f".{method}." in n for n in tensors) and any(n.startswith("head.") for n in tensors)
     # Trainable parameters are what the file holds, less non-trainable state (NOLA's seed).
     assert fit["params"]["trainable"] == sum(t.numel() for t in tensors.values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("method", ["mask", "spt"])
+def test_data_dependent_methods_calibrate_train_and_reload_through_the_cli(method, coop_root, tmp_path):
+    """Mask tuning and SPT choose where to adapt from the first training batches inside ``vpeft fit``; the resolved
+    selection is saved with the adapter, so ``vpeft test`` rebuilds it from the file alone (no data) with the
+    checkpoint's metrics. SPT trains exactly its budget (plus the head)."""
+    pytest.importorskip("lightning")
+    extra = ("--model.methods.init_args.budget", "500") if method == "spt" else ()
+    fit, tensors = fit_then_test_both_ways(method, coop_root, tmp_path / "run", *extra)
+    assert any(f".{method}." in n for n in tensors) and any(n.startswith("head.") for n in tensors)
+    floats = {n: t for n, t in tensors.items() if t.is_floating_point()}
+    assert fit["params"]["trainable"] == sum(t.numel() for t in floats.values())
+    if method == "spt":
+        head = sum(t.numel() for n, t in floats.items() if n.startswith("head."))
+        assert fit["params"]["trainable"] - head == 500

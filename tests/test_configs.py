@@ -33,8 +33,12 @@ def test_yaml_parses(path: Path):
     if path.parent.name == "method":
         methods = [instantiate(s) for s in data["model"]["methods"]]
         assert all(isinstance(m, vpeft.PeftConfig) for m in methods)
-        tiny = [type(m)(**{**m.__dict__, **({"num_tokens": 3} if hasattr(m, "num_tokens") else {})}) for m in methods]
-        pm = vpeft.get_peft_model(make_timm(), tiny, trainable_extra=data["model"].get("trainable_extra", []))
+        small = {"num_tokens": 3, "budget": 300}  # VPT's prompts, SPT's parameter budget: sized for the tiny ViT
+        tiny = [type(m)(**{**m.__dict__, **{k: v for k, v in small.items() if hasattr(m, k)}}) for m in methods]
+        model = make_timm()
+        # Data-dependent presets (mask tuning, SPT) choose their sites from a batch first; others pass unchanged.
+        tiny = vpeft.calibrate(model, tiny, [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))])
+        pm = vpeft.get_peft_model(model, tiny, trainable_extra=data["model"].get("trainable_extra", []))
         assert pm(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
@@ -64,9 +68,13 @@ def _cli(*configs: str, args: tuple = ()):
 
 @pytest.mark.parametrize("path", BY_GROUP["method"], ids=[p.name for p in BY_GROUP["method"]])
 def test_method_preset_through_lightning_cli(path: Path, coop_root):
+    extra = ("--model.methods.init_args.budget", "200") if path.name == "spt.yaml" else ()
     cli = _cli(*PARTNERS["method"], f"method/{path.name}",
-               args=("--data.root", coop_root, "--data.shots", "2", "--trainer.logger=false"))
+               args=("--data.root", coop_root, "--data.shots", "2", "--trainer.logger=false", *extra))
     assert all(isinstance(m, vpeft.PeftConfig) for m in cli.model.methods)
+    # No trainer here: a data-dependent preset calibrates on the datamodule's training batches given directly.
+    cli.datamodule.setup("fit")
+    cli.model.calibration_dataloader = cli.datamodule.train_dataloader()
     cli.model.configure_model()
     assert cli.model(torch.randn(2, 3, 16, 16)).shape == (2, cli.datamodule.num_classes)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Optional
 
 import pytest
 import torch
@@ -14,20 +15,27 @@ from conftest import CASES, Case, rel_err
 from torch.utils.flop_counter import FlopCounterMode
 
 import vpeft
+from vpeft.methods._calibration import needs_calibration
 from vpeft.methods.base import get_method
 from vpeft.methods.layers import AdapterLayer
 
 # Small settings so the matrix runs in seconds; everything else is the method's paper default.
-SMALL = {"r": 2, "num_tokens": 3, "rank": 2, "dropout": 0.0,
+SMALL = {"r": 2, "num_tokens": 3, "rank": 2, "dropout": 0.0, "budget": 600,
          # prompt learning: 2 random context tokens (the tiny CLIP has no BPE vocabulary for ctx_init), depth 2
          "n_ctx": 2, "ctx_init": None, "n_ctx_vision": 2, "depth": 2, "text_depth": 2, "vision_depth": 2}
 
 
-def small_config(method: str, towers):
+def small_config(method: str, towers, case: Optional[Case] = None):
+    """The method's config with the SMALL settings; data-dependent methods (mask tuning, SPT) are calibrated on the
+    case's model and input (a squared-output loss) when ``case`` is given."""
     cls = get_method(method).config_class
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: v for k, v in SMALL.items() if k in names}
-    return cls(towers=towers, **kw)
+    cfg = cls(towers=towers, **kw)
+    if case is not None and needs_calibration(cfg):
+        (cfg,) = vpeft.calibrate(case.build(0), [cfg], [(case.make_input(), None)],
+                                 loss_fn=lambda m, x, _: case.run(m, x).square().mean())
+    return cfg
 
 
 def is_text_prompt(method: str) -> bool:
@@ -79,7 +87,7 @@ def method(request) -> str:
 
 def build(case: Case, method: str, seed: int = 0):
     model = case.build(seed)
-    pm = vpeft.get_peft_model(model, small_config(method, case.towers))
+    pm = vpeft.get_peft_model(model, small_config(method, case.towers, case))
     perturb(pm)
     return model, pm
 
@@ -110,7 +118,7 @@ def built(case: Case, method: str):
     with torch.no_grad():
         y_base = case.run(model, x)
     before = snapshot(model)
-    pm = vpeft.get_peft_model(model, small_config(method, case.towers))
+    pm = vpeft.get_peft_model(model, small_config(method, case.towers, case))
     perturb(pm)
     return case, pm, x, y_base, before
 
@@ -254,8 +262,8 @@ def test_stacking_two_methods(case: Case, method: str):
     model = case.build(0)
     x = case.make_input()
     lora = vpeft.LoraConfig(r=2, towers=case.towers, targets=["q", "v", "mlp_in"])
-    configs = [lora, small_config(method, case.towers)]
-    if method == "dora":  # DoRA's norm is the raw base weight's: it must come first on a shared site
+    configs = [lora, small_config(method, case.towers, case)]
+    if method in ("dora", "mask"):  # their norm / mask is the raw base weight's: they must come first on a site
         before = snapshot(model)
         with pytest.raises(ValueError, match="must be the first method on site"):
             vpeft.get_peft_model(model, configs)

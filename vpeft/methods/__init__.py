@@ -1,5 +1,6 @@
 """PEFT methods: the method contract, the registry, ``PeftModel`` and the built-in methods."""
 
+from ._calibration import calibrate
 from .adaptformer import AdaptFormerConfig
 from .base import Adapter, ForwardContext, Method, PeftConfig, get_method, list_methods, register_method
 from .bitfit import BitFitConfig, DiffFitConfig, LNTuneConfig
@@ -15,16 +16,19 @@ from .layers import AdapterLayer
 from .lora import LoraConfig
 from .lst import LSTConfig
 from .maple import MaPLeConfig
+from .mask import MaskTuningConfig
 from .mosa import MoSAConfig
 from .nola import NOLAConfig
 from .peft_model import PeftModel, get_peft_model
 from .promptsrc import PromptSRCConfig
+from .spt import SPTConfig
 from .ssf import SSFConfig
 from .unipt import UniPTConfig
 from .vpt import VPTConfig
 
 __all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig",
            "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig", "DoRAConfig", "EarthAdapterConfig",
-           "ForwardContext", "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig", "Method",
-           "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel", "PromptSRCConfig", "SSFConfig", "UniPTConfig",
-           "VPTConfig", "get_method", "get_peft_model", "list_methods", "register_method"]
+           "ForwardContext", "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig",
+           "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel", "PromptSRCConfig",
+           "SPTConfig", "SSFConfig", "UniPTConfig", "VPTConfig", "calibrate", "get_method", "get_peft_model",
+           "list_methods", "register_method"]

@@ -34,6 +34,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable, Reduce
 from torch.nn.modules.module import _IncompatibleKeys
 
 import vpeft
+from vpeft.methods._calibration import needs_calibration
 from vpeft.methods.peft_model import canonical_name
 
 from .._fileio import atomic_write
@@ -177,6 +178,8 @@ class PeftTask(LightningModule):
                                      f"but the task was configured with {[c.to_dict() for c in self.methods]}")
                 self.methods = list(model.configs)
             else:
+                if any(needs_calibration(c) for c in self.methods):
+                    self._calibrate_methods(backbone)
                 model = vpeft.get_peft_model(backbone, self.methods, trainable_extra=self.peft_extras())
             if self.grad_checkpointing:
                 if not hasattr(model.base_model, "set_grad_checkpointing"):
@@ -186,6 +189,64 @@ class PeftTask(LightningModule):
             self.build_task_modules(model)
         if self.adapter is not None:
             self._load_task_state(self.adapter)
+
+    # -- data-dependent placement (SPT, mask tuning) ---------------------------------------------------------------
+    #: Training batches the placement criterion of calibrated methods reads (the SPT reference's
+    #: ``sensitivity_batch_num`` default); a subclass or instance may change it before ``fit``.
+    calibration_batches: int = 16
+    #: Batches to calibrate from instead of the trainer's training dataloader (e.g. ``datamodule.train_dataloader()``
+    #: when ``configure_model()`` is called outside ``Trainer.fit``).
+    calibration_dataloader: Optional[Any] = None
+
+    def calibration_loss(self, backbone: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+        """Loss of the plain backbone on one training batch, for calibration (default: cross-entropy of
+        ``backbone(inputs)``, right for timm classifiers). Override for backbones whose call is not the task's
+        logits (e.g. CLIP)."""
+        return torch.nn.functional.cross_entropy(backbone(inputs), targets)
+
+    def _calibration_loader(self):
+        """The training dataloader, reached through the trainer. ``configure_model`` runs inside ``Trainer.fit``
+        after the datamodule's ``setup("fit")`` and before the fit loop builds its own loaders, so the loader is
+        requested from the datamodule (or the dataloader source passed to ``fit``) directly."""
+        if self.calibration_dataloader is not None:
+            return self.calibration_dataloader
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "train_dataloader"):
+            return dm.train_dataloader()
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        if source is not None and source.is_defined():
+            return source.dataloader()
+        return None
+
+    def _calibrate_methods(self, backbone: nn.Module) -> None:
+        """Resolve the placement of configs that need data from the first ``calibration_batches`` training batches,
+        and record the resolved configs in the hyper-parameters (checkpoints then rebuild without data)."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        from vpeft.methods._calibration import calibrate
+
+        loader = self._calibration_loader()
+        names = [type(c).__name__ for c in self.methods if needs_calibration(c)]
+        if loader is None:
+            raise ValueError(f"{names} choose their placement from training data, but no training dataloader is "
+                             "reachable here (configure_model() outside Trainer.fit); run fit, set "
+                             "task.calibration_dataloader, or calibrate the configs with vpeft.calibrate(...) and pass "
+                             "the resolved configs")
+        device = next(backbone.parameters()).device
+        batches = (move_data_to_device(b, device) for b in loader)
+        with torch.enable_grad():
+            methods = calibrate(backbone, self.methods, batches, loss_fn=self.calibration_loss,
+                                max_batches=self.calibration_batches)
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # Each rank sees its own shard of the data; every rank must build the same adapters: rank 0's placement
+            # (configs with their calibration tensors, pickled) is used everywhere.
+            methods = trainer.strategy.broadcast(methods, src=0)
+        self.methods = methods
+        self.hparams["methods"] = [config_hparam(c) for c in self.methods]
 
     def _require_model(self) -> vpeft.PeftModel:
         if self.model is None:
