@@ -6,7 +6,6 @@ calibrated methods (the shared matrix does not calibrate yet)."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 
 import pytest
@@ -17,23 +16,8 @@ from conftest import CASES, rel_err
 import vpeft
 from vpeft.methods._calibration import calibrate, calibration_tensors
 from vpeft.methods.layers import AdapterLayer
-
-
-def _lazy(module: str, name: str):
-    """``module.name``, imported at first use. Importing ``vpeft.methods.{mask,spt}`` registers the methods; doing it
-    at collection time would put them into tests/test_conformance.py's METHODS (computed at its import) before that
-    matrix knows how to calibrate them. Once ``_ensure_builtin`` imports these modules this changes nothing."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__name__ = name
-    return call
-
-
-MaskTuningConfig = _lazy("vpeft.methods.mask", "MaskTuningConfig")
-SPTConfig = _lazy("vpeft.methods.spt", "SPTConfig")
-matrix_key = _lazy("vpeft.methods.spt", "matrix_key")
+from vpeft.methods.mask import MaskTuningConfig
+from vpeft.methods.spt import SPTConfig, matrix_key
 
 
 def batches(n: int = 2, bs: int = 4, classes: int = 5):

@@ -6,7 +6,6 @@ formula, and the same outputs and gradients under ``use_kernels("torch")`` and `
 from __future__ import annotations
 
 import copy
-import importlib
 import math
 
 import pytest
@@ -19,28 +18,20 @@ import vpeft
 from vpeft.kernels import use_kernels
 from vpeft.methods._calibration import calibrate
 from vpeft.methods.layers import AdapterLayer
+from vpeft.methods.mask import (
+    MaskTuningConfig,
+    drop_gradient,
+    general_knowledge_loss,
+    gradient_dropout_backward,
+    mask_adapters,
+    masked_fraction,
+)
 
 THR = 5e-3
 
 
-def _lazy(module: str, name: str):
-    """``module.name``, imported at first use. Importing ``vpeft.methods.{mask,spt}`` registers the methods; doing it
-    at collection time would put them into tests/test_conformance.py's METHODS (computed at its import) before that
-    matrix knows how to calibrate them. Once ``_ensure_builtin`` imports these modules this changes nothing."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__name__ = name
-    return call
 
 
-MaskTuningConfig = _lazy("vpeft.methods.mask", "MaskTuningConfig")
-drop_gradient = _lazy("vpeft.methods.mask", "drop_gradient")
-general_knowledge_loss = _lazy("vpeft.methods.mask", "general_knowledge_loss")
-gradient_dropout_backward = _lazy("vpeft.methods.mask", "gradient_dropout_backward")
-mask_adapters = _lazy("vpeft.methods.mask", "mask_adapters")
-masked_fraction = _lazy("vpeft.methods.mask", "masked_fraction")
 
 
 def images(n: int = 2, seed: int = 1) -> torch.Tensor:

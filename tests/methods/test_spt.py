@@ -6,7 +6,6 @@ adapter reloads into a fresh model without data."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import math
 
@@ -20,23 +19,7 @@ from torch.func import functional_call
 import vpeft
 from vpeft.methods._calibration import calibrate, calibration_tensors
 from vpeft.methods.layers import AdapterLayer
-
-
-def _lazy(module: str, name: str):
-    """``module.name``, imported at first use. Importing ``vpeft.methods.{mask,spt}`` registers the methods; doing it
-    at collection time would put them into tests/test_conformance.py's METHODS (computed at its import) before that
-    matrix knows how to calibrate them. Once ``_ensure_builtin`` imports these modules this changes nothing."""
-
-    def call(*args, **kwargs):
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-    call.__name__ = name
-    return call
-
-
-SPTConfig = _lazy("vpeft.methods.spt", "SPTConfig")
-matrix_key = _lazy("vpeft.methods.spt", "matrix_key")
-trainable_count = _lazy("vpeft.methods.spt", "trainable_count")
+from vpeft.methods.spt import SPTConfig, matrix_key, trainable_count
 
 
 def labelled(n: int = 2):
