@@ -316,3 +316,19 @@ def test_cli_trains_on_base_and_tests_on_new_classes(clip_root, tmp_path):
     assert {"test/top1", "test/top5", "test/mean_per_class_acc", "test/acc"} <= set(zs["metrics"])
     (record,) = collect_cards(tmp_path / "zs")
     assert (record["method"], record["shots"], record["subsample"]) == ("zero_shot", 0, "all")
+
+
+@pytest.mark.parametrize("cfg", [vpeft.MaskTuningConfig(towers=["visual"]),
+                                 vpeft.SPTConfig(budget=400, towers=["visual"])], ids=["mask", "spt"])
+def test_data_dependent_methods_calibrate_with_the_clip_loss(cfg, clip_root, tmp_path):
+    """Mask tuning and SPT on CLIP choose their placement inside ``fit`` from the task's own loss (zero-shot logits
+    over the class texts), train, and record the resolved selection in the hyper-parameters."""
+    task = ClipPromptTask(BACKBONE, methods=[cfg], templates=["a photo of a {}."], init_seed=0, optimizer=sgd())
+    trainer = Trainer(**QUIET, max_epochs=1, default_root_dir=str(tmp_path), enable_checkpointing=False)
+    trainer.fit(task, datamodule=datamodule(clip_root, tmp_path))
+    (resolved,) = task.model.configs
+    assert resolved.selection is not None and task.hparams["methods"][0]["init_args"]["selection"] is not None
+    names = list(task.model.adapter_state_dict())
+    assert names and all(n.startswith("visual.") for n in names), names
+    if isinstance(cfg, vpeft.SPTConfig):
+        assert sum(p.numel() for p in task.model.parameters() if p.requires_grad) == 400

@@ -123,6 +123,15 @@ class _ClipTask(PeftTask):
             self._tokenizer = tokenizer_for(self.backbone_id, self._require_model())
         return self._tokenizer
 
+    def calibration_loss(self, backbone: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+        """The task's loss for the placement pass of data-dependent methods (mask tuning, SPT): cross-entropy of the
+        plain CLIP's zero-shot logits over the current classes and templates (the backbone has no adapters yet, so
+        the templates stand in for any prompt learner)."""
+        templates = self.prompt_templates()
+        clf = ClipClassifier(backbone, tokenizer_for(self.backbone_id, backbone), self.classnames, templates,
+                             max(1, self.class_chunk // len(templates)))
+        return F.cross_entropy(clf(inputs), targets)
+
     # -- classifier ------------------------------------------------------------------------------------------------
     def _check_classifier_classes(self, names: list[str]) -> None:
         """Refuse class lists the adapters cannot serve: class-specific prompts of another number of classes."""
