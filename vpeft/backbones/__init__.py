@@ -45,6 +45,10 @@ def _open_clip(name: str, pretrained, **kwargs) -> nn.Module:
     return create_open_clip(arch, tag or None, pretrained, **kwargs)
 
 
+# Families that register themselves with register_backbone (so imported after it is defined).
+from . import sam as _sam_family  # noqa: E402,F401
+
+
 def _local_checkpoint(pretrained: Union[str, os.PathLike]) -> str:
     """The path of a local checkpoint file, checked before any model is built.
 

@@ -242,4 +242,5 @@ def get_spec(model: nn.Module) -> BackboneSpec:
             return build(model)
     raise TypeError(
         f"no backbone spec for model class {type(model).__module__}.{type(model).__name__}; supported: timm "
-        "VisionTransformer, open_clip CLIP / VisionTransformer / TextTransformer (register more with register_spec)")
+        "VisionTransformer, open_clip CLIP / VisionTransformer / TextTransformer, SAM (vpeft SamModel, timm "
+        "VisionTransformerSAM) (register more with register_spec)")
