@@ -503,3 +503,25 @@ def test_lora_grad_checkpointing_same_grads(tiny_pair):
     assert g0.keys() == g1.keys() and g0
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("cfg", [vpeft.SSFConfig(), vpeft.BitFitConfig(), vpeft.DiffFitConfig(), vpeft.LNTuneConfig()],
+                         ids=["ssf", "bitfit", "difffit", "ln_tune"])
+def test_affine_methods_default_placement_skips_sites_sam_lacks(cfg):
+    """SAM's encoder has no final_norm (its neck normalises channel-first maps): the paper-default placements of the
+    affine methods leave it out instead of failing, start at the base model and merge exactly."""
+    model = vpeft.create_backbone("sam:vit_b", img_size=IMG, **TINY).eval()
+    x = torch.rand(1, 3, IMG, IMG) * 255
+    with torch.no_grad():
+        base = model(x).low_res_masks
+    pm = vpeft.get_peft_model(model, cfg)
+    paths = list(pm.adapter_layers())
+    assert paths and not any("neck" in p for p in paths)
+    with torch.no_grad():
+        got = pm(x).low_res_masks
+        plain = pm.merge_and_unload()(x).low_res_masks
+    if isinstance(cfg, vpeft.SSFConfig):  # SSF starts at N(1, 0.02) / N(0, 0.02), not exactly at the base
+        assert not torch.equal(got, base)
+    else:
+        torch.testing.assert_close(got, base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, got, rtol=1e-5, atol=1e-5 * got.abs().max().item())

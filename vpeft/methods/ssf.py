@@ -200,10 +200,12 @@ _AFFINE_KINDS = ("linear", "packed_attn", "norm", "conv", "embed")
 
 
 def default_affine_targets(spec, towers, names: tuple[str, ...], model: nn.Module) -> list[str]:
-    """``names`` minus ``embed`` on towers whose patch projection has no bias (its shift could not be merged)."""
-    out = list(names)
+    """``names`` minus the sites some selected tower lacks (SAM's encoder has no ``final_norm``: its neck normalises
+    channel-first maps) and minus ``embed`` on towers whose patch projection has no bias (its shift could not be
+    merged). Explicit targets are never filtered: a missing site there is an error."""
+    tnames = towers if towers is not None else spec.default_towers
+    out = [n for n in names if all(n in spec.towers[t].site_names() for t in tnames)]
     if "embed" in out:
-        tnames = towers if towers is not None else spec.default_towers
         for t in tnames:
             path = spec.towers[t].global_sites.get("embed")
             m = model.get_submodule(path) if path else None
