@@ -46,6 +46,7 @@ def _open_clip(name: str, pretrained, **kwargs) -> nn.Module:
 
 
 # Families that register themselves with register_backbone (so imported after it is defined).
+from . import point_mae as _point_family  # noqa: E402,F401
 from . import sam as _sam_family  # noqa: E402,F401
 
 

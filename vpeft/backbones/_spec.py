@@ -101,7 +101,7 @@ def _module_kind(module: nn.Module) -> str:
         return "norm"
     if isinstance(module, nn.MultiheadAttention) or isinstance(getattr(module, "in_proj_weight", None), nn.Parameter):
         return "packed_attn"
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):  # Conv1d: the point-cloud patch embedding's last layer
         return "conv"
     if isinstance(module, nn.Embedding):
         return "embed"
@@ -243,4 +243,4 @@ def get_spec(model: nn.Module) -> BackboneSpec:
     raise TypeError(
         f"no backbone spec for model class {type(model).__module__}.{type(model).__name__}; supported: timm "
         "VisionTransformer, open_clip CLIP / VisionTransformer / TextTransformer, SAM (vpeft SamModel, timm "
-        "VisionTransformerSAM) (register more with register_spec)")
+        "VisionTransformerSAM), Point-MAE / Point-BERT (vpeft PointTransformer) (register more with register_spec)")

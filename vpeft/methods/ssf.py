@@ -209,7 +209,7 @@ def default_affine_targets(spec, towers, names: tuple[str, ...], model: nn.Modul
         for t in tnames:
             path = spec.towers[t].global_sites.get("embed")
             m = model.get_submodule(path) if path else None
-            if m is None or (isinstance(m, nn.Conv2d) and m.bias is None):
+            if m is None or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.bias is None):
                 out.remove("embed")
                 break
     return out
