@@ -546,3 +546,24 @@ def test_embed_site_is_the_pointnet_conv1d():
         assert rel_err(y, ref(pts)) < 1e-5
         pm.merge()
         assert rel_err(pm(pts), y) < 1e-5
+
+
+def test_frozen_batchnorm_keeps_its_statistics_and_the_heads_are_saved(tmp_path):
+    """In train mode the frozen mini-PointNet's BatchNorm layers stay in eval mode (their running statistics are
+    backbone state, so they must not move), while the new head's BatchNorm trains and its statistics travel in the
+    adapter file: a reloaded model reproduces the trained one in eval mode."""
+    model = tiny()
+    pm = vpeft.get_peft_model(model, vpeft.LoraConfig(r=2), trainable_extra=["head"]).train()
+    frozen = {n: b.clone() for n, b in model.encoder.named_buffers()}
+    head_before = model.head[1].running_mean.clone()
+    assert not model.encoder.first_conv[1].training and model.head[1].training
+    pm(clouds()).square().mean().backward()
+    assert all(torch.equal(b, frozen[n]) for n, b in model.encoder.named_buffers())
+    assert not torch.equal(model.head[1].running_mean, head_before)
+    state = pm.adapter_state_dict()
+    assert {"head.1.running_mean", "head.1.running_var", "head.5.running_mean"} <= set(state)
+    pm.eval()
+    pm.save_adapter(str(tmp_path / "a"))
+    loaded = vpeft.PeftModel.from_pretrained(tiny(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(clouds()), pm(clouds()))

@@ -61,6 +61,22 @@ class PeftModel(nn.Module):
         self._depth = 0
         self._unloaded = False
 
+    def train(self, mode: bool = True) -> PeftModel:
+        """Set train/eval mode; frozen BatchNorm layers of the backbone stay in eval mode.
+
+        A BatchNorm whose parameters do not train would otherwise keep updating its running statistics in train mode,
+        so the frozen backbone would change (and an adapter file would not reproduce the trained model). BatchNorm
+        layers that train (inside a trainable extra such as a new head) follow ``mode``, and their statistics are
+        saved with the extra.
+        """
+        super().train(mode)
+        if mode:
+            for m in self.base_model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in m.parameters(recurse=False)):
+                    m.eval()
+        return self
+
     # -- delegation ------------------------------------------------------------------------------------------------
     def __getattr__(self, name: str):
         try:
@@ -223,13 +239,16 @@ class PeftModel(nn.Module):
             out[name] = t.detach()
         return out
 
-    def _extra_tensors(self) -> dict[str, nn.Parameter]:
+    def _extra_tensors(self) -> dict[str, torch.Tensor]:
+        """Parameters and persistent buffers (e.g. a new head's BatchNorm statistics) of the declared extras."""
         if not self.trainable_extra:
             return {}
         prefixes = _extra_prefixes(self.base_model, self.spec, self.trainable_extra)
-        adapter_ids = {id(p) for layer in self._layers.values() for _, a in layer.adapters() for p in a.parameters()}
-        return {cname: p for name, p in self.base_model.named_parameters()
-                if id(p) not in adapter_ids and _under(cname := canonical_name(name), prefixes)}
+        adapter_ids = {id(t) for layer in self._layers.values() for _, a in layer.adapters()
+                       for t in (*a.parameters(), *a.buffers())}
+        # state_dict holds exactly the parameters and the persistent buffers
+        return {cname: t for name, t in self.base_model.state_dict(keep_vars=True).items()
+                if id(t) not in adapter_ids and _under(cname := canonical_name(name), prefixes)}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Copy ``state`` into the adapters. Keys and shapes must match exactly (``ValueError`` with the diff)."""
