@@ -146,8 +146,14 @@ def test_draws_vary_per_forward_and_per_site():
     assert seen["blocks.0.mlp"] != seen["blocks.1.mlp"], "sites draw independently"
 
 
-def test_gradient_checkpointing_recomputes_with_the_same_sparse_adapter():
-    pm = build()
+@pytest.mark.parametrize("rng_after", ["none", "dropout", "drop_path"])
+def test_gradient_checkpointing_recomputes_with_the_same_sparse_adapter(rng_after):
+    """Also with random ops after the draw (the branch's dropout, the block's drop path): a recomputation must
+    consume the RNG as the forward did, or their masks would differ."""
+    if rng_after == "drop_path":
+        pm = build(lambda seed: make_timm(seed, drop_path_rate=0.3))
+    else:
+        pm = build(dropout=0.3 if rng_after == "dropout" else 0.0)
     randomize(pm)
     pm.train()
 

@@ -153,9 +153,11 @@ class MoSAAdapter(BottleneckAdapter):
     def _draw(self) -> dict[str, int]:
         ctx = self.__dict__["_ctx"]
         key = ("mosa", id(self))
+        # Drawn on every call, also when recomputing: the draw consumes the global RNG, and a recomputation that
+        # skipped it would shift every later random op of the block (dropout, drop path) away from the forward's.
+        draws = torch.randint(self.num_experts, (len(self.split_projections),)).tolist()
         if ctx is not None and key in ctx:  # a recomputation (gradient checkpointing) of this forward
             return ctx.get(key)
-        draws = torch.randint(self.num_experts, (len(self.split_projections),)).tolist()
         choice = dict(zip(self.split_projections, draws))
         if ctx is not None:
             ctx.set(key, choice)
