@@ -240,3 +240,14 @@ def test_bad_config_refused_before_mutation(kw, match):
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_towers_without_a_patch_grid_are_refused_before_mutation():
+    """Point-cloud tokens (FPS groups) have no 2-D grid even when their count is a square."""
+    model = vpeft.create_backbone("point_mae:base", num_group=16, group_size=16, embed_dim=64, depth=2, num_heads=4,
+                                  num_classes=5, drop_path_rate=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="without a patch grid"):
+        vpeft.get_peft_model(model, EarthAdapterConfig())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in model.parameters())

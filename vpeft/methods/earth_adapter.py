@@ -273,6 +273,11 @@ class EarthAdapter(Method):
         if tower.layout not in ("NLC", "LNC"):
             raise ValueError(f"Earth-Adapter needs blocks with token layout NLC or LNC; site {site.qualified!r} at "
                              f"{site.path!r} has layout {tower.layout!r}")
+        if tower_grid(model, spec, site) is None:
+            raise ValueError(
+                f"Earth-Adapter splits patch tokens by a 2-D DFT over the image grid; site {site.qualified!r} at "
+                f"{site.path!r} is on a tower without a patch grid (no grid_size next to its patch embedding: its "
+                "tokens are not image patches, e.g. point-cloud groups)")
 
     def resolve(self, model, spec):  # noqa: D102
         sites = super().resolve(model, spec)
