@@ -509,13 +509,20 @@ def test_methods_attach(tmp_path, cfg, identity, mergeable):
         assert rel_err(plain(pts), y) < 1e-5
 
 
-def test_ssf_default_placement_on_bias_free_qkv_is_not_mergeable():
-    """SSF's default sites include the fused qkv, which the official model builds without a bias: its shift has no
-    bias to fold into, so SSF still trains and runs there, but merge refuses (naming the sites)."""
-    pm = vpeft.get_peft_model(tiny(), vpeft.SSFConfig())
-    assert "blocks.0.attn.qkv" in pm.adapter_layers()
-    with pytest.raises(ValueError, match="ssf at blocks.0.attn.qkv"):
+def test_ssf_default_placement_skips_the_bias_free_qkv_and_merges():
+    """The official model builds its fused qkv without a bias, where SSF's shift could not be folded: the default
+    placement leaves that site out (an explicit target keeps it, trains, and refuses merge naming the site)."""
+    model, pts = tiny(), clouds()
+    pm = vpeft.get_peft_model(model, vpeft.SSFConfig()).eval()
+    assert "blocks.0.attn.qkv" not in pm.adapter_layers() and "blocks.0.attn.proj" in pm.adapter_layers()
+    randomize_adapters(pm)
+    with torch.no_grad():
+        y = pm(pts)
         pm.merge()
+        assert rel_err(pm(pts), y) < 1e-5
+    explicit = vpeft.get_peft_model(tiny(), vpeft.SSFConfig(targets=["qkv"]))
+    with pytest.raises(ValueError, match="ssf at blocks.0.attn.qkv"):
+        explicit.merge()
 
 
 def test_vpt_deep_prompts_live_only_inside_blocks():

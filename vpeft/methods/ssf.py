@@ -200,19 +200,27 @@ _AFFINE_KINDS = ("linear", "packed_attn", "norm", "conv", "embed")
 
 
 def default_affine_targets(spec, towers, names: tuple[str, ...], model: nn.Module) -> list[str]:
-    """``names`` minus the sites some selected tower lacks (SAM's encoder has no ``final_norm``: its neck normalises
-    channel-first maps) and minus ``embed`` on towers whose patch projection has no bias (its shift could not be
-    merged). Explicit targets are never filtered: a missing site there is an error."""
-    tnames = towers if towers is not None else spec.default_towers
+    """The paper-default placement ``names``, less what this backbone cannot merge or does not have.
+
+    Dropped: sites some selected tower lacks (SAM's encoder has no ``final_norm``: its neck normalises channel-first
+    maps), and Linear / packed-projection / patch-conv sites without a bias (a shift there could not be folded into
+    the weights: open_clip's bias-free patch conv, Point-MAE's bias-free ``qkv``). Explicit targets are never
+    filtered: a missing site there is an error, an unmergeable one trains and refuses ``merge``.
+    """
+    from ._lowrank import site_weight
+
+    tnames = list(towers if towers is not None else spec.default_towers)
     out = [n for n in names if all(n in spec.towers[t].site_names() for t in tnames)]
-    if "embed" in out:
-        for t in tnames:
-            path = spec.towers[t].global_sites.get("embed")
-            m = model.get_submodule(path) if path else None
-            if m is None or (isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.bias is None):
-                out.remove("embed")
-                break
-    return out
+
+    def has_bias(site) -> bool:
+        m = model.get_submodule(site.path)
+        if site.kind in ("linear", "packed_attn"):
+            return site_weight(m)[1] is not None
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            return m.bias is not None
+        return True
+
+    return [n for n in out if all(has_bias(site) for site in spec.resolve(model, n, towers=tnames))]
 
 
 @register_method
