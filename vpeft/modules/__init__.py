@@ -1,5 +1,5 @@
-"""Lightning tasks (``FewShotClassifier``, ``ClipPromptTask``, ``ZeroShotEvaluator``, ``TrainingFreeClassifier``),
-their callbacks and the ``vpeft`` LightningCLI. Needs Lightning.
+"""Lightning tasks (``FewShotClassifier``, ``ClipPromptTask``, ``ZeroShotEvaluator``, ``TrainingFreeClassifier``,
+``SamSegmenter``), their callbacks and the ``vpeft`` LightningCLI. Needs Lightning.
 
 Importing this package lets jsonargparse (and so LightningCLI) parse ``vpeft.PeftConfig`` subclasses from
 ``class_path``/``init_args``: method configs are dataclasses, which jsonargparse otherwise treats as final.
@@ -17,7 +17,8 @@ from .base import PeftTask, method_configs  # noqa: E402
 from .callbacks import AdapterCheckpoint, AtomicCheckpointIO, ResultCard  # noqa: E402
 from .classification import FewShotClassifier  # noqa: E402
 from .clip_tasks import ClipPromptTask, ZeroShotEvaluator  # noqa: E402
+from .segmentation import SamSegmenter  # noqa: E402
 from .training_free import TrainingFreeClassifier  # noqa: E402
 
 __all__ = ["AdapterCheckpoint", "AtomicCheckpointIO", "ClipPromptTask", "FewShotClassifier", "PeftTask", "ResultCard",
-           "TrainingFreeClassifier", "ZeroShotEvaluator", "method_configs"]
+           "SamSegmenter", "TrainingFreeClassifier", "ZeroShotEvaluator", "method_configs"]

@@ -24,6 +24,8 @@ _UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enabl
 _UNHASHED_DATA = ("root", "num_workers", "manifest_dir")
 #: The task of configs that set no ``model.class_path``.
 DEFAULT_TASK = "vpeft.modules.classification.FewShotClassifier"
+#: The data module of configs that set no ``data.class_path``.
+DEFAULT_DATA = "vpeft.datasets.datamodule.FewShotDataModule"
 
 
 class VpeftCLI(LightningCLI):
@@ -37,7 +39,9 @@ class VpeftCLI(LightningCLI):
     In subclass mode (what :func:`run` uses) the task is any :class:`~vpeft.modules.base.PeftTask` chosen with
     ``model.class_path`` (e.g. ``vpeft.modules.clip_tasks.ClipPromptTask``); without one it is
     :data:`DEFAULT_TASK`, so configs that only set ``model.<arg>`` keep working. Every task must accept
-    ``num_classes`` (the link target).
+    ``num_classes`` (the link target). Likewise the data module is any ``LightningDataModule`` chosen with
+    ``data.class_path`` (e.g. ``vpeft.datasets.segmentation.SegmentationDataModule``), :data:`DEFAULT_DATA` without
+    one; it must accept ``backbone`` and ``backbone_kwargs`` and expose ``num_classes``.
     """
 
     @staticmethod
@@ -49,10 +53,13 @@ class VpeftCLI(LightningCLI):
         parser.add_lightning_class_args(AdapterCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ResultCard, "card")
         model = "model.init_args." if self.subclass_mode_model else "model."
+        data = "data.init_args." if self.subclass_mode_data else "data."
         if self.subclass_mode_model:
             parser.set_defaults({"model": {"class_path": DEFAULT_TASK}})
-        parser.link_arguments(model + "backbone", "data.backbone")
-        parser.link_arguments(model + "backbone_kwargs", "data.backbone_kwargs")
+        if self.subclass_mode_data:
+            parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
+        parser.link_arguments(model + "backbone", data + "backbone")
+        parser.link_arguments(model + "backbone_kwargs", data + "backbone_kwargs")
         parser.link_arguments("data.num_classes", model + "num_classes", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
@@ -91,10 +98,11 @@ class VpeftCLI(LightningCLI):
         """
         sub = self.config.get("subcommand")
         cfg = self.config.get(sub) if sub else self.config
-        model = cfg.get("model") if cfg is not None else None
-        class_path = model.get("class_path") if model is not None else None
-        if class_path is not None and _import_class(class_path) is not _import_class(DEFAULT_TASK):
-            self._parser(sub).set_defaults({"model": {"class_path": class_path}})
+        for key, default in (("model", DEFAULT_TASK), ("data", DEFAULT_DATA)):
+            group = cfg.get(key) if cfg is not None else None
+            class_path = group.get("class_path") if isinstance(group, Namespace) else None
+            if class_path is not None and _import_class(class_path) is not _import_class(default):
+                self._parser(sub).set_defaults({key: {"class_path": class_path}})
         self.config = parser.parse_args(argv)
 
     def _parse_ckpt_path(self) -> None:
@@ -126,6 +134,12 @@ class VpeftCLI(LightningCLI):
             if getattr(task, "zero_shot", False):  # training-free tasks: how result-card tables label them
                 flat["zero_shot"] = True
             data["model"] = flat
+        dm = data.get("data")
+        if isinstance(dm, dict) and "class_path" in dm:  # subclass-mode data: flat too
+            flat = {**(dm.get("init_args") or {}), **(dm.get("dict_kwargs") or {})}
+            if _import_class(dm["class_path"]) is not _import_class(DEFAULT_DATA):
+                flat["class_path"] = dm["class_path"]
+            data["data"] = flat
         for key in _UNHASHED:
             data.pop(key, None)
         for key in _UNHASHED_TRAINER:
@@ -137,11 +151,14 @@ class VpeftCLI(LightningCLI):
 
 def run(args: Optional[list[str]] = None) -> VpeftCLI:
     """Run ``vpeft fit|validate|test`` with ``args`` (``sys.argv[1:]`` when ``None``); the task is any ``PeftTask``
-    (``model.class_path``, default :data:`DEFAULT_TASK`)."""
-    from ..datasets.datamodule import FewShotDataModule
+    (``model.class_path``, default :data:`DEFAULT_TASK`), the data module any ``LightningDataModule``
+    (``data.class_path``, default :data:`DEFAULT_DATA`)."""
+    from lightning.pytorch import LightningDataModule
+
     from .base import PeftTask
 
-    return VpeftCLI(PeftTask, FewShotDataModule, subclass_mode_model=True, seed_everything_default=0,
+    return VpeftCLI(PeftTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                    seed_everything_default=0,
                     auto_configure_optimizers=False, save_config_kwargs={"overwrite": True}, args=args)
 
 

@@ -1,0 +1,141 @@
+"""Segmentation data (vpeft.datasets.segmentation): folder and npz readers, class maps, few-shot subsets, manifests,
+the data module, and the errors for bad data (size mismatch, unknown class ids, empty folders)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vpeft.datasets.segmentation import (
+    SegmentationDataModule,
+    SegmentationDataset,
+    collate_segmentation,
+    fewshot_items,
+    read_mask,
+    read_segmentation_splits,
+)
+
+
+def write_pair(folder, stem: str, image: np.ndarray, mask: np.ndarray, mode: str = "L") -> None:
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(folder / "images" / f"{stem}.png")
+    Image.fromarray(mask.astype(np.uint8), mode=mode).save(folder / "masks" / f"{stem}.png")
+
+
+def make_root(tmp_path, n_train: int = 5, size=(12, 10)):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "seg"
+    for split, n in (("train", n_train), ("val", 2), ("test", 2)):
+        for i in range(n):
+            img = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            mask = np.zeros(size, np.uint8)
+            mask[2:6, 3:7] = 255
+            mask[7:9, 1:3] = 128
+            write_pair(root / split, f"{split}{i:02d}", img, mask)
+    return root
+
+
+CLASS_MAP = {0: 0, 128: 2, 255: 1}
+
+
+def test_class_map_and_identity(tmp_path):
+    root = make_root(tmp_path, 1)
+    path = str(root / "train" / "masks" / "train00.png")
+    lab = read_mask(path, CLASS_MAP, 3)
+    want = np.zeros((12, 10), np.int64)
+    want[2:6, 3:7] = 1
+    want[7:9, 1:3] = 2
+    np.testing.assert_array_equal(lab, want)
+    with pytest.raises(ValueError, match=r"\[128\].*missing from class_map"):
+        read_mask(path, {0: 0, 255: 1}, 2)
+    with pytest.raises(ValueError, match=r"class ids \[128, 255\] outside \[0, 3\)"):
+        read_mask(path, None, 3)
+
+
+def test_palette_mask_reads_indices(tmp_path):
+    m = np.zeros((4, 4), np.uint8)
+    m[1, 1] = 2
+    im = Image.fromarray(m, mode="P")
+    im.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    im.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(read_mask(str(tmp_path / "p.png"), None, 3), m.astype(np.int64))
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(ValueError, match="mode RGB"):
+        read_mask(str(tmp_path / "rgb.png"), None, 3)
+
+
+def test_size_mismatch_and_missing_mask_and_empty(tmp_path):
+    root = tmp_path / "bad"
+    write_pair(root / "train", "a", np.zeros((8, 8, 3), np.uint8), np.zeros((8, 6), np.uint8))
+    ds = SegmentationDataset(read_segmentation_splits(str(root))["train"], 2)
+    with pytest.raises(ValueError, match=r"sizes differ.*image \(8, 8\), mask \(8, 6\)"):
+        ds[0]
+    (root / "train" / "images").joinpath("b.png").write_bytes((root / "train" / "images" / "a.png").read_bytes())
+    with pytest.raises(ValueError, match=r"have no PNG mask.*\['b'\]"):
+        read_segmentation_splits(str(root))
+    (tmp_path / "empty" / "train" / "images").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images"):
+        read_segmentation_splits(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="no 'train' folder"):
+        read_segmentation_splits(str(tmp_path / "nothing"))
+
+
+def test_square_resize_keeps_classes_and_longest_side(tmp_path):
+    root = make_root(tmp_path, 1)
+    items = read_segmentation_splits(str(root))["train"]
+    img, lab = SegmentationDataset(items, 3, CLASS_MAP, image_size=24, resize="square")[0]
+    assert img.shape == (3, 24, 24) and img.dtype == torch.float32 and lab.shape == (24, 24)
+    assert 0 <= float(img.min()) and float(img.max()) <= 255
+    # Nearest-exact doubling (12x10 -> 24x24 is not integer in width; check the classes present and the height map).
+    assert set(lab.unique().tolist()) == {0, 1, 2}
+    img, lab = SegmentationDataset(items, 3, CLASS_MAP, image_size=24, resize="longest")[0]
+    assert img.shape == (3, 24, 20) and lab.shape == (12, 10)  # SAM: the longer side to 24, the mask untouched
+
+
+def test_npz_reader(tmp_path):
+    (tmp_path / "syn" / "train").mkdir(parents=True)
+    image = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    label = np.zeros((8, 8), np.uint8)
+    label[2:4, 2:4] = 8
+    np.savez(tmp_path / "syn" / "train" / "case0001_slice000.npz", image=image, label=label)
+    items = read_segmentation_splits(str(tmp_path / "syn"), fmt="npz")["train"]
+    img, lab = SegmentationDataset(items, 9, fmt="npz")[0]
+    torch.testing.assert_close(img, torch.from_numpy(image * 255)[None].repeat(3, 1, 1))
+    assert lab.dtype == torch.int64 and int(lab.max()) == 8
+    with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+        SegmentationDataset(items, 8, fmt="npz")[0]
+
+
+def test_fewshot_is_seeded_subset():
+    items = list(range(20))
+    a, b, c = fewshot_items(items, 5, 1), fewshot_items(items, 5, 1), fewshot_items(items, 5, 2)
+    assert a == b and a != c and len(a) == 5 and set(a) <= set(items) and a == sorted(a)
+    assert fewshot_items(items, 0, 1) == items
+    with pytest.raises(ValueError, match="shots=21"):
+        fewshot_items(items, 21, 1)
+
+
+def test_datamodule_batches_and_manifest(tmp_path):
+    root = make_root(tmp_path, 5)
+    dm = SegmentationDataModule(str(root), class_map=CLASS_MAP, shots=3, seed=1, batch_size=2, image_size=16,
+                                manifest_dir=str(tmp_path / "man"), augment=True)
+    assert dm.num_classes == 3
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 16, 16) and y.shape == (2, 16, 16) and y.dtype == torch.int64
+    assert len(dm.train_set) == 3 and len(dm.val_set) == 2
+    man = dm.manifest
+    assert len(man["train"]) == 3 and man["test_count"] == 2 and all(i.startswith("train/images/") for i, _ in
+                                                                        man["train"])
+    again = SegmentationDataModule(str(root), class_map=CLASS_MAP, shots=3, seed=1)
+    assert again.manifest_hash == dm.manifest_hash
+    assert SegmentationDataModule(str(root), class_map=CLASS_MAP, shots=3, seed=2).manifest_hash != dm.manifest_hash
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        SegmentationDataModule(str(root))
+    with pytest.raises(ValueError, match="class ids up to 2, but num_classes is 2"):
+        SegmentationDataModule(str(root), class_map=CLASS_MAP, num_classes=2)
+    with pytest.raises(ValueError, match="different sizes"):
+        collate_segmentation([(torch.zeros(3, 4, 4), torch.zeros(4, 4)), (torch.zeros(3, 4, 5), torch.zeros(4, 5))])

@@ -1,0 +1,394 @@
+"""``SamSegmenter``: prompt-free semantic segmentation with SAM (SAMed).
+
+SAMed (Kaidong Zhang, Dong Liu, "Customized Segment Anything Model for Medical Image Segmentation",
+arXiv:2304.13785, 2023) turns SAM into a semantic segmenter without prompts: LoRA on the image encoder's ``q`` and
+``v`` projections, the prompt encoder run with no prompt at all (an empty sparse prompt and its learned "no mask"
+dense embedding), and a mask decoder whose output mask tokens are the classes: the official decoder has
+``num_multimask_outputs=3`` (4 mask tokens); SAMed builds it with ``num_multimask_outputs = K - 1`` for ``K``
+classes including the background, so its ``K`` mask tokens give ``K`` per-pixel class logits (softmax over them).
+The decoder and the prompt encoder train in full with the LoRA factors.
+
+Paper / official-code defaults (used by :class:`SamSegmenter` and ``configs/segmentation/sam_samed_vit_b.yaml``):
+    * LoRA rank 4 on ``q`` and ``v`` of every encoder block, no scaling (``alpha = r``).
+    * Trainable extras: ``mask_decoder`` and ``prompt_encoder``.
+    * Loss ``0.8 * Dice + 0.2 * CE`` on the low-resolution logits (``img_size / 4``) against the label map resized
+      (nearest) to that size; the Dice term is TransUNet's soft Dice ``1 - (2 sum(p t) + s) / (sum(p^2) + sum(t^2)
+      + s)`` with ``s = 1e-5``, averaged over all ``K`` classes (background included), sums over the whole batch.
+    * AdamW (lr 5e-3 with linear warm-up, weight decay 0.1), batch 12, 512x512 inputs (Synapse).
+
+Trainable parameters (SAM ViT-B, ``K`` classes including the background, width ``d = 768``, 12 blocks):
+    * LoRA: ``2 targets * depth * r * (d + d) = 2 * 12 * 4 * 1536 = 147,456``.
+    * Mask decoder with ``K`` tokens: ``3,497,056 + 140,321 * K`` (the official 4 tokens: 4,058,340); per token one
+      256-d mask token, one hypernetwork MLP (256-256-256-32: 139,808) and one IoU-head output row (257).
+    * Prompt encoder: 6,220 (prompt-free, only its ``no_mask_embed`` is used; SAMed trains it).
+    * Synapse (``K = 9``): ``147,456 + 4,759,945 + 6,220 = 4,913,621`` of SAM ViT-B's ~93.7M.
+
+Official weights with ``K`` class tokens. The decoder is rebuilt with ``K`` mask tokens; every tensor whose shape does
+not depend on the token count is copied from the loaded decoder (the two-way transformer, ``iou_token``,
+``output_upscaling``, the hidden layers of ``iou_prediction_head``). New (freshly initialised under ``init_seed``, as
+SAMed's loader leaves them) are exactly: ``mask_decoder.mask_tokens.weight`` (``K x 256``),
+``mask_decoder.output_hypernetworks_mlps.{0..K-1}.layers.{0,1,2}.{weight,bias}`` and
+``mask_decoder.iou_prediction_head.layers.2.{weight,bias}`` (``K x 256``, ``K``). SAMed's own loader also re-initialises
+the hidden IoU-head layers; they do not depend on ``K``, so they are kept here.
+
+Binary tasks (``num_classes=2``) use the same ``K``-token softmax by default (SAMed's formulation);
+``binary_mode="sigmoid"`` instead keeps the official decoder unchanged (no new tensors) and reads its single-mask
+token as a foreground logit (loss: ``Dice + BCE`` on the sigmoid).
+
+Deviations from the reference implementation (hitachinsk/SAMed):
+    * The image encoder keeps its positional embeddings at the official 1024 input (vpeft's SAM loads official weights
+      only at ``img_size=1024``); SAMed interpolates them to 512.
+    * The decoder's IoU-head hidden layers are kept from the checkpoint (SAMed re-initialises them; they only feed the
+      IoU prediction, which no loss reads here).
+    * The preset's schedule is SAMed's linear warm-up (250 iterations) followed by a constant rate; SAMed then decays
+      it polynomially (power 0.9) to the last iteration.
+    * ``loss_resolution="label"`` (not the default) computes the loss on logits upsampled to the label size.
+    * Metrics come from torchmetrics: per-class Dice and mean IoU over the foreground classes, optional
+      (maximum, not 95%) Hausdorff distance: torchmetrics has no HD95.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+import vpeft
+
+from .base import PeftTask
+
+#: SAMed's loss weights (``loss = (1 - dice_weight) * CE + dice_weight * Dice`` with ``dice_weight = 0.8``).
+SAMED_DICE_WEIGHT = 0.8
+SAMED_CE_WEIGHT = 0.2
+
+
+def samed_lora() -> vpeft.PeftConfig:
+    """SAMed's encoder adapter: LoRA rank 4 on ``q`` and ``v``, update unscaled (``alpha = r``)."""
+    return vpeft.LoraConfig(r=4, targets=["q", "v"])
+
+
+# -- losses ------------------------------------------------------------------------------------------------------------
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5,
+                   class_weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """TransUNet / SAMed soft Dice loss, averaged over classes.
+
+    For class ``c``: ``1 - (2 * sum(p_c * t_c) + s) / (sum(p_c ** 2) + sum(t_c ** 2) + s)``, sums over the batch and
+    all pixels.
+
+    Args:
+        probs: ``(B, C, H, W)`` class probabilities.
+        target: ``(B, C, H, W)`` one-hot (or soft) targets of the same shape.
+        smooth: ``s``.
+        class_weights: Per-class weights (default 1 each); the result is the weighted sum divided by ``C``.
+    """
+    if probs.shape != target.shape:
+        raise ValueError(f"probs {tuple(probs.shape)} and target {tuple(target.shape)} must have the same shape")
+    dims = [0, *range(2, probs.dim())]
+    target = target.to(probs.dtype)
+    inter = (probs * target).sum(dims)
+    denom = (probs * probs).sum(dims) + (target * target).sum(dims)
+    per_class = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+    if class_weights is not None:
+        per_class = per_class * torch.as_tensor(class_weights, dtype=per_class.dtype, device=per_class.device)
+    return per_class.sum() / probs.shape[1]
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = SAMED_DICE_WEIGHT,
+                      ce_weight: float = SAMED_CE_WEIGHT, sigmoid: bool = False) -> torch.Tensor:
+    """``dice_weight * Dice + ce_weight * CE`` of class logits against a label map.
+
+    Args:
+        logits: ``(B, K, H, W)`` class logits (softmax), or ``(B, 1, H, W)`` foreground logits with ``sigmoid``.
+        target: ``(B, H, W)`` integer labels in ``[0, K)`` (``{0, 1}`` with ``sigmoid``).
+        dice_weight: Weight of :func:`soft_dice_loss` (over all ``K`` classes; with ``sigmoid``: over the
+            foreground channel).
+        ce_weight: Weight of the cross-entropy (binary cross-entropy with ``sigmoid``).
+        sigmoid: Binary task with one foreground logit.
+    """
+    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+        raise ValueError(f"logits must be (B, K, H, W) and target (B, H, W) of the same size, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    target = target.long()
+    if sigmoid:
+        fg = target.unsqueeze(1).to(logits.dtype)
+        ce = F.binary_cross_entropy_with_logits(logits, fg)
+        dice = soft_dice_loss(torch.sigmoid(logits), fg)
+    else:
+        ce = F.cross_entropy(logits, target)
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)
+        dice = soft_dice_loss(logits.softmax(dim=1), onehot)
+    return dice_weight * dice + ce_weight * ce
+
+
+# -- the decoder with K class tokens -----------------------------------------------------------------------------------
+#: Decoder tensors whose shape depends on the number of mask tokens (re-initialised for ``K`` class tokens).
+NEW_DECODER_PREFIXES = ("mask_tokens.", "output_hypernetworks_mlps.", "iou_prediction_head.layers.2.")
+
+
+def class_token_decoder(decoder: nn.Module, num_tokens: int) -> tuple[nn.Module, list[str]]:
+    """A copy of the official ``MaskDecoder`` with ``num_tokens`` mask tokens, sharing the loaded weights of every
+    tensor whose shape does not depend on the token count.
+
+    Returns:
+        ``(decoder, new)``: the new decoder and the names (relative to the decoder) of its freshly initialised
+        tensors.
+    """
+    from segment_anything.modeling import MaskDecoder
+
+    iou_layers = decoder.iou_prediction_head.layers
+    new = MaskDecoder(transformer_dim=decoder.transformer_dim, transformer=decoder.transformer,
+                      num_multimask_outputs=num_tokens - 1,
+                      activation=type(decoder.output_upscaling[2]),
+                      iou_head_depth=len(iou_layers), iou_head_hidden_dim=iou_layers[0].out_features)
+    old = decoder.state_dict()
+    state = new.state_dict()
+    fresh = []
+    for k, t in state.items():
+        if k.startswith(NEW_DECODER_PREFIXES) or k not in old or old[k].shape != t.shape:
+            fresh.append(k)
+        else:
+            t.copy_(old[k])
+    return new.to(next(decoder.parameters()).device), fresh
+
+
+# -- the task ----------------------------------------------------------------------------------------------------------
+class SamSegmenter(PeftTask):
+    """Prompt-free semantic segmentation with SAM (SAMed): LoRA on the image encoder, class tokens in the decoder.
+
+    Batches are ``(images, labels)``: ``images`` ``(B, 3, h, w)`` RGB on the 0..255 scale with ``h, w <= img_size``
+    (SAM normalises and zero-pads them to ``img_size``; :class:`vpeft.datasets.segmentation.SegmentationDataModule`
+    resizes the longer side to ``img_size``), ``labels`` ``(B, H, W)`` class ids at any resolution. The
+    low-resolution logits cover the padded ``img_size`` square: they are upsampled to ``img_size``, cropped to the
+    ``h x w`` image area and resized to the label size (SAM's ``postprocess_masks``).
+
+    Logs ``{stage}/loss``, ``{stage}/dice`` (mean over foreground classes), ``{stage}/miou`` (foreground),
+    ``{stage}/dice_<c>`` per class in validation and test, and ``{stage}/hd`` with ``hausdorff=True``.
+
+    Args:
+        backbone: A SAM id (``"sam:vit_b"``).
+        num_classes: ``K``, classes including the background (label 0); the CLI links it from the data module.
+        methods: Method configs; ``None`` is SAMed's LoRA (rank 4 on ``q``, ``v``); ``[]`` trains only the extras.
+        trainable_extra: Trained in full and saved with the adapter (SAMed: ``mask_decoder`` and ``prompt_encoder``).
+        pretrained: The official SAM checkpoint path, or ``False`` for random weights.
+        backbone_kwargs: ``create_backbone`` kwargs (``img_size``, encoder sizes).
+        adapter: See :class:`~vpeft.modules.base.PeftTask`.
+        optimizer: See :class:`~vpeft.modules.base.PeftTask`.
+        lr_scheduler: See :class:`~vpeft.modules.base.PeftTask`.
+        lr_scheduler_interval: See :class:`~vpeft.modules.base.PeftTask`.
+        init_seed: See :class:`~vpeft.modules.base.PeftTask`.
+        grad_checkpointing: See :class:`~vpeft.modules.base.PeftTask`.
+        dice_weight: Weight of the Dice loss (SAMed: 0.8).
+        ce_weight: Weight of the cross-entropy (SAMed: 0.2).
+        binary_mode: For ``num_classes=2``: ``"softmax"`` (two class tokens, SAMed) or ``"sigmoid"`` (the official
+            single-mask token as a foreground logit, decoder unchanged).
+        loss_resolution: ``"low_res"`` (SAMed: logits at ``img_size / 4``, labels resized by nearest neighbour) or
+            ``"label"`` (logits upsampled to the label size).
+        hausdorff: Also log torchmetrics' (maximum) symmetric Hausdorff distance in validation and test.
+    """
+
+    def __init__(
+            self,
+            backbone: str,
+            num_classes: int,
+            methods: Optional[list[vpeft.PeftConfig]] = None,
+            trainable_extra: Sequence[str] = ("mask_decoder", "prompt_encoder"),
+            pretrained: Union[bool, str] = False,
+            backbone_kwargs: Optional[dict[str, Any]] = None,
+            adapter: Optional[str] = None,
+            optimizer: OptimizerCallable = torch.optim.AdamW,
+            lr_scheduler: Optional[LRSchedulerCallable] = None,
+            lr_scheduler_interval: str = "epoch",
+            init_seed: Optional[int] = None,
+            grad_checkpointing: bool = False,
+            dice_weight: float = SAMED_DICE_WEIGHT,
+            ce_weight: float = SAMED_CE_WEIGHT,
+            binary_mode: str = "softmax",
+            loss_resolution: str = "low_res",
+            hausdorff: bool = False,
+    ) -> None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (classes including the background), got "
+                             f"{num_classes!r}")
+        if not backbone.startswith("sam:"):
+            raise ValueError(f"SamSegmenter needs a SAM backbone ('sam:vit_b', 'sam:vit_l', 'sam:vit_h'), got "
+                             f"{backbone!r}")
+        for name, w in (("dice_weight", dice_weight), ("ce_weight", ce_weight)):
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or w < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {w!r}")
+        if dice_weight == 0 and ce_weight == 0:
+            raise ValueError("dice_weight and ce_weight are both 0: the loss would be constant")
+        if binary_mode not in ("softmax", "sigmoid"):
+            raise ValueError(f"binary_mode must be 'softmax' or 'sigmoid', got {binary_mode!r}")
+        if binary_mode == "sigmoid" and num_classes != 2:
+            raise ValueError(f"binary_mode='sigmoid' needs num_classes=2, got {num_classes}")
+        if loss_resolution not in ("low_res", "label"):
+            raise ValueError(f"loss_resolution must be 'low_res' or 'label', got {loss_resolution!r}")
+        if methods is None:
+            methods = [samed_lora()]
+        super().__init__(backbone, methods, trainable_extra, pretrained, backbone_kwargs, adapter, optimizer,
+                         lr_scheduler, lr_scheduler_interval, init_seed, grad_checkpointing)
+        self.num_classes = num_classes
+        self.dice_weight, self.ce_weight = float(dice_weight), float(ce_weight)
+        self.sigmoid = binary_mode == "sigmoid"
+        self.loss_resolution = loss_resolution
+        self.hausdorff = hausdorff
+        #: Decoder tensors freshly initialised for the class tokens (see the module doc), set by build_backbone.
+        self.new_decoder_tensors: list[str] = []
+        self.metrics = nn.ModuleDict({f"{s}_": self._make_metrics() for s in ("train", "val", "test")})
+
+    def _make_metrics(self) -> nn.ModuleDict:
+        from torchmetrics.segmentation import DiceScore, HausdorffDistance, MeanIoU
+
+        k = self.num_classes
+        m = {"dice": DiceScore(k, include_background=False, average="none", aggregation_level="global",
+                               input_format="index"),
+             "miou": MeanIoU(k, include_background=False, per_class=False, input_format="index")}
+        if self.hausdorff:
+            m["hd"] = HausdorffDistance(k, include_background=False, input_format="index")
+        return nn.ModuleDict(m)
+
+    # -- template hooks --------------------------------------------------------------------------------------------
+    def build_backbone(self) -> nn.Module:
+        """SAM with (unless ``binary_mode="sigmoid"``) a decoder of ``num_classes`` class tokens."""
+        from ..backbones.sam import SamModel
+
+        model = vpeft.create_backbone(self.backbone_id, pretrained=self.pretrained, **self.backbone_kwargs)
+        if not isinstance(model, SamModel):
+            raise TypeError(f"backbone {self.backbone_id!r} is not a SAM model")
+        if not self.sigmoid:
+            model.mask_decoder, fresh = class_token_decoder(model.mask_decoder, self.num_classes)
+            self.new_decoder_tensors = [f"mask_decoder.{k}" for k in fresh]
+        return model
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):  # noqa: D102
+        out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        # Metric states are not task modules to save (they are reset every epoch).
+        for k in [k for k in out if k.startswith(f"{prefix}metrics.")]:
+            del out[k]
+        return out
+
+    def task_modules(self) -> dict[str, nn.Module]:  # noqa: D102
+        return {n: m for n, m in super().task_modules().items() if n != "metrics"}
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+    @property
+    def sam(self):
+        """The (adapted) SAM model."""
+        return self._require_model().base_model
+
+    def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, K, 4h', 4w')`` class logits (``(B, 1, ...)`` foreground logits with ``binary_mode="sigmoid"``) at the
+        decoder's resolution, covering the padded ``img_size`` square."""
+        sam = self.sam
+        emb = sam.image_embeddings(images)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+        # Prompt-free: the empty sparse prompt and the "no mask" dense embedding broadcast over the batch. SAMed reads
+        # every mask token (the official forward would drop token 0 with multimask_output, or keep only it).
+        masks, _ = sam.mask_decoder.predict_masks(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
+                                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        return masks[:, :1] if self.sigmoid else masks
+
+    def upsample(self, low_res: torch.Tensor, input_size: tuple[int, int],
+                 label_size: tuple[int, int]) -> torch.Tensor:
+        """Low-resolution logits -> logits at ``label_size`` (upsample to ``img_size``, crop the ``input_size`` image
+        area, resize: SAM's ``postprocess_masks``)."""
+        return self.sam.postprocess_masks(low_res, tuple(input_size), tuple(label_size))
+
+    def forward(self, images: torch.Tensor, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Class logits at ``size`` (default: the images' size)."""
+        low = self.low_res_logits(images)
+        hw = tuple(images.shape[-2:])
+        return self.upsample(low, hw, tuple(size) if size is not None else hw)
+
+    def predict_labels(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W)`` class ids from :meth:`forward`'s logits."""
+        if self.sigmoid:
+            return (logits[:, 0] > 0).long()
+        return logits.argmax(dim=1)
+
+    # -- steps -----------------------------------------------------------------------------------------------------
+    def _low_res_target(self, labels: torch.Tensor, low: torch.Tensor, hw: tuple[int, int]) -> tuple:
+        """Low-res logits cropped to the image area and the labels resized (nearest) to that crop."""
+        img = self.sam.img_size
+        lh, lw = low.shape[-2:]
+        ch, cw = max(1, round(hw[0] * lh / img)), max(1, round(hw[1] * lw / img))
+        low = low[..., :ch, :cw]
+        target = F.interpolate(labels[:, None].float(), (ch, cw), mode="nearest-exact")[:, 0].long()
+        return low, target
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        images, labels = batch
+        self._check_labels(labels)
+        hw = tuple(images.shape[-2:])
+        low = self.low_res_logits(images)
+        logits = self.upsample(low, hw, tuple(labels.shape[-2:]))
+        if self.loss_resolution == "low_res":
+            loss = segmentation_loss(*self._low_res_target(labels, low, hw), self.dice_weight, self.ce_weight,
+                                     self.sigmoid)
+        else:
+            loss = segmentation_loss(logits, labels, self.dice_weight, self.ce_weight, self.sigmoid)
+        preds = self.predict_labels(logits.detach())
+        b = len(labels)
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True,
+                 batch_size=b)
+        metrics = self.metrics[f"{stage}_"]
+        for m in metrics.values():
+            m.update(preds, labels.long())
+        return loss
+
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+
+    def _log_epoch(self, stage: str) -> None:
+        metrics = self.metrics[f"{stage}_"]
+        per_class = metrics["dice"].compute().reshape(-1)
+        # Classes absent from both prediction and target give NaN in torchmetrics; they do not enter the mean.
+        valid = per_class[~torch.isnan(per_class)]
+        mean = valid.mean() if valid.numel() else torch.tensor(0.0, device=per_class.device)
+        self.log(f"{stage}/dice", mean, prog_bar=True, sync_dist=True)
+        if stage != "train":
+            for c, v in enumerate(per_class.tolist(), start=1):
+                self.log(f"{stage}/dice_{c}", v, sync_dist=True)
+        self.log(f"{stage}/miou", metrics["miou"].compute(), sync_dist=True)
+        if "hd" in metrics:
+            self.log(f"{stage}/hd", metrics["hd"].compute(), sync_dist=True)
+        for m in metrics.values():
+            m.reset()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:  # noqa: D102
+        self._step(batch, "test")
+
+    def on_train_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:  # noqa: D102
+        self._log_epoch("test")
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Class-id maps at the images' size."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self.predict_labels(self(x))
+
+    def calibration_loss(self, backbone: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
+        """Segmentation loss of the plain SAM (for data-calibrated methods)."""
+        emb = backbone.image_embeddings(inputs)
+        sparse, dense = backbone.prompt_encoder(points=None, boxes=None, masks=None)
+        low, _ = backbone.mask_decoder.predict_masks(emb, backbone.prompt_encoder.get_dense_pe(), sparse, dense)
+        low = low[:, :1] if self.sigmoid else low
+        logits = backbone.postprocess_masks(low, tuple(inputs.shape[-2:]), tuple(targets.shape[-2:]))
+        return segmentation_loss(logits, targets, self.dice_weight, self.ce_weight, self.sigmoid)
