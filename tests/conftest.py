@@ -102,12 +102,28 @@ def _prompt_run(m: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return torch.cat([img, txt])
 
 
+def make_point(seed: int = 0) -> nn.Module:
+    """A depth-2, width-64 Point-MAE transformer (16 groups of 16 points, no drop path)."""
+    import vpeft
+
+    torch.manual_seed(seed)
+    return vpeft.create_backbone("point_mae:base", num_group=16, group_size=16, embed_dim=64, depth=2, num_heads=4,
+                                 num_classes=5, drop_path_rate=0.0).eval()
+
+
+def clouds() -> torch.Tensor:
+    """Two seeded clouds of 256 points."""
+    return torch.randn(2, 256, 3, generator=torch.Generator().manual_seed(3))
+
+
 CASES = {
     "timm_vit": Case("timm_vit", make_timm, _images, lambda m, x: m(x)),
     "clip_visual": Case("clip_visual", make_clip, _images, lambda m, x: m.encode_image(x), ["visual"]),
     "clip_text": Case("clip_text", make_clip, _tokens, lambda m, x: m.encode_text(x), ["text"]),
     # CLIP prompt learning (both towers): text rows with context placeholders, run as ClipClassifier runs them.
     "clip_prompt": Case("clip_prompt", make_clip, _prompt_tokens, _prompt_run),
+    # Point clouds: FPS/kNN groups, BatchNorm in the frozen PointNet, a BatchNorm head.
+    "point_mae": Case("point_mae", make_point, clouds, lambda m, x: m(x)),
 }
 
 

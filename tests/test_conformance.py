@@ -49,12 +49,20 @@ def applicable(method: str, case: Case) -> bool:
     return case.name != "clip_prompt" or is_text_prompt(method)
 
 
+POINT_ONLY = ("idpt", "point_peft")
+
+
 def supported(method: str, case: Case) -> bool:
     # VPT and Earth-Adapter need an image tower; text-prompt methods attach to fixed CLIP sites (clip_prompt) and
     # refuse towers/targets or a backbone without a text tower; every other built-in method applies to all cases.
     if is_text_prompt(method):
         return case.name == "clip_prompt"
-    # Earth-Adapter's frequency split needs a 2-D patch grid: it refuses the text tower.
+    # Point-cloud methods need group centres: they refuse every other backbone.
+    if method in POINT_ONLY:
+        return case.name == "point_mae"
+    # Earth-Adapter's frequency split needs a 2-D patch grid: it refuses the text tower and point clouds.
+    if method == "earth_adapter" and case.name == "point_mae":
+        return False
     return not (method in ("vpt", "earth_adapter") and case.name == "clip_text")
 
 
@@ -100,7 +108,8 @@ def test_unsupported_raises_before_mutation(method_name: str, case_name: str):
     case = CASES[case_name]
     model = case.build(0)
     before = snapshot(model)
-    with pytest.raises(ValueError, match="VPT" if method_name == "vpt" else "text tower|must be None"):
+    match = "VPT" if method_name == "vpt" else "text tower|must be None|point-cloud|patch grid"
+    with pytest.raises(ValueError, match=match):
         vpeft.get_peft_model(model, small_config(method_name, case.towers))
     assert not any(isinstance(m, AdapterLayer) for m in model.modules())
     assert_same_state(before, snapshot(model))

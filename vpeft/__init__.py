@@ -26,6 +26,7 @@ from .methods import (
     DoRAConfig,
     EarthAdapterConfig,
     ForwardContext,
+    IDPTConfig,
     IVLPConfig,
     LNTuneConfig,
     LoraConfig,
@@ -37,6 +38,7 @@ from .methods import (
     NOLAConfig,
     PeftConfig,
     PeftModel,
+    PointPEFTConfig,
     PromptSRCConfig,
     SPTConfig,
     SSFConfig,
@@ -52,9 +54,9 @@ from .methods.importers import load_official_prompts
 
 __all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig",
            "ClipClassifier", "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig",
-           "DoRAConfig", "EarthAdapterConfig", "ForwardContext", "IVLPConfig", "LNTuneConfig", "LSTConfig",
-           "LoraConfig", "MaPLeConfig", "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig", "PeftConfig",
-           "PeftModel", "PromptSRCConfig", "SPTConfig", "SSFConfig", "Site", "UniPTConfig", "VPTConfig",
-           "build_zero_shot_classifier", "calibrate", "create_backbone", "get_method", "get_peft_model", "get_spec",
-           "list_backbones", "list_methods", "load_official_prompts", "register_backbone", "register_method",
-           "__version__"]
+           "DoRAConfig", "EarthAdapterConfig", "ForwardContext", "IDPTConfig", "IVLPConfig", "LNTuneConfig",
+           "LSTConfig", "LoraConfig", "MaPLeConfig", "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig",
+           "PeftConfig", "PeftModel", "PointPEFTConfig", "PromptSRCConfig", "SPTConfig", "SSFConfig", "Site",
+           "UniPTConfig", "VPTConfig", "build_zero_shot_classifier", "calibrate", "create_backbone", "get_method",
+           "get_peft_model", "get_spec", "list_backbones", "list_methods", "load_official_prompts",
+           "register_backbone", "register_method", "__version__"]

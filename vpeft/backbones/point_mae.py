@@ -575,7 +575,8 @@ def point_transformer_spec(model: nn.Module) -> BackboneSpec:
     """Spec of :class:`PointTransformer`: timm blocks (fused ``qkv``), one cls prefix token, NLC tokens.
 
     ``embed`` is the mini-PointNet's last 1x1 conv (output ``(B*G, C, S)``, channels on dim 1, max-pooled after),
-    exposed once the spec registry classifies ``nn.Conv1d`` as a ``conv`` site.
+    exposed once the spec registry classifies ``nn.Conv1d`` as a ``conv`` site. ``global_sites["pos_embed"]`` names
+    the centre-position MLP (input: group centres ``(B, G, 3)``; output: their positions ``(B, G, width)``).
     """
     blk = model.blocks[0]
     global_sites = {"final_norm": "norm"}
@@ -584,6 +585,9 @@ def point_transformer_spec(model: nn.Module) -> BackboneSpec:
         global_sites = {"embed": embed, **global_sites}
     if not isinstance(model.head, nn.Identity):
         global_sites["head"] = "head"
+    # Not a semantic site (absent from GLOBAL_SITES, so never resolved by name): the centre -> position MLP whose
+    # input is the group centres, where point-cloud methods (IDPT, Point-PEFT) read the geometry of a forward.
+    global_sites["pos_embed"] = "pos_embed"
     tower = TowerSpec(
         name="",
         depth=len(model.blocks),

@@ -11,6 +11,7 @@ from .compacter import CompacterConfig
 from .coop import CoOpConfig
 from .dora import DoRAConfig
 from .earth_adapter import EarthAdapterConfig
+from .idpt import IDPTConfig
 from .ivlp import IVLPConfig
 from .layers import AdapterLayer
 from .lora import LoraConfig
@@ -20,6 +21,7 @@ from .mask import MaskTuningConfig
 from .mosa import MoSAConfig
 from .nola import NOLAConfig
 from .peft_model import PeftModel, get_peft_model
+from .point_peft import PointPEFTConfig
 from .promptsrc import PromptSRCConfig
 from .spt import SPTConfig
 from .ssf import SSFConfig
@@ -28,7 +30,7 @@ from .vpt import VPTConfig
 
 __all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig",
            "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig", "DoRAConfig", "EarthAdapterConfig",
-           "ForwardContext", "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig",
-           "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel", "PromptSRCConfig",
-           "SPTConfig", "SSFConfig", "UniPTConfig", "VPTConfig", "calibrate", "get_method", "get_peft_model",
-           "list_methods", "register_method"]
+           "ForwardContext", "IDPTConfig", "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig",
+           "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel", "PointPEFTConfig",
+           "PromptSRCConfig", "SPTConfig", "SSFConfig", "UniPTConfig", "VPTConfig", "calibrate", "get_method",
+           "get_peft_model", "list_methods", "register_method"]
