@@ -15,7 +15,8 @@ import vpeft
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 YAMLS = sorted(CONFIG_DIR.rglob("*.yaml"))
-#: Method presets for point-cloud backbones (no point-cloud data module in the CLI yet).
+#: Method presets for point-cloud backbones (built on the tiny Point-MAE; their CLI runs are in
+#: tests/modules/test_pointcloud.py).
 POINT_PRESETS = ("idpt", "point_peft")
 
 

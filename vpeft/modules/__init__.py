@@ -1,5 +1,5 @@
 """Lightning tasks (``FewShotClassifier``, ``ClipPromptTask``, ``ZeroShotEvaluator``, ``TrainingFreeClassifier``,
-``SamSegmenter``), their callbacks and the ``vpeft`` LightningCLI. Needs Lightning.
+``SamSegmenter``, ``PointCloudClassifier``), their callbacks and the ``vpeft`` LightningCLI. Needs Lightning.
 
 Importing this package lets jsonargparse (and so LightningCLI) parse ``vpeft.PeftConfig`` subclasses from
 ``class_path``/``init_args``: method configs are dataclasses, which jsonargparse otherwise treats as final.
@@ -17,8 +17,9 @@ from .base import PeftTask, method_configs  # noqa: E402
 from .callbacks import AdapterCheckpoint, AtomicCheckpointIO, ResultCard  # noqa: E402
 from .classification import FewShotClassifier  # noqa: E402
 from .clip_tasks import ClipPromptTask, ZeroShotEvaluator  # noqa: E402
+from .pointcloud import PointCloudClassifier  # noqa: E402
 from .segmentation import SamSegmenter  # noqa: E402
 from .training_free import TrainingFreeClassifier  # noqa: E402
 
 __all__ = ["AdapterCheckpoint", "AtomicCheckpointIO", "ClipPromptTask", "FewShotClassifier", "PeftTask", "ResultCard",
-           "SamSegmenter", "TrainingFreeClassifier", "ZeroShotEvaluator", "method_configs"]
+           "PointCloudClassifier", "SamSegmenter", "TrainingFreeClassifier", "ZeroShotEvaluator", "method_configs"]
