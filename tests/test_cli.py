@@ -166,3 +166,8 @@ def test_data_dependent_methods_calibrate_train_and_reload_through_the_cli(metho
     if method == "spt":
         head = sum(t.numel() for n, t in floats.items() if n.startswith("head."))
         assert fit["params"]["trainable"] - head == 500
+
+
+def test_quickstart_task_is_checked(capsys):
+    assert main(["quickstart", "--task", "audio"]) == 2
+    assert "--task must be one of ['classification', 'points', 'segmentation']" in capsys.readouterr().err

@@ -10,6 +10,7 @@ lists the registered PEFT methods.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from typing import Optional, Sequence
 
@@ -27,13 +28,33 @@ def _lightning(argv: list[str]) -> int:
     return 0
 
 
+#: ``vpeft quickstart --task <name>``: the module whose ``main(argv)`` runs it.
+QUICKSTART_TASKS = {"classification": ".quickstart", "points": ".quickstart_points",
+                    "segmentation": ".quickstart_segmentation"}
+
+
 def _quickstart(argv: list[str]) -> int:
-    try:
-        from .quickstart import main as quickstart_main
-    except ImportError as e:
-        print(f"vpeft quickstart is not available in this installation ({e})", file=sys.stderr)
+    # --task picks the quickstart; every other option belongs to that quickstart's own parser (and its -h).
+    task, rest, i = "classification", [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--task" and i + 1 < len(argv):
+            task, i = argv[i + 1], i + 2
+            continue
+        if a.startswith("--task="):
+            task = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    if task not in QUICKSTART_TASKS:
+        print(f"vpeft quickstart: --task must be one of {sorted(QUICKSTART_TASKS)}, got {task!r}", file=sys.stderr)
         return 2
-    return int(quickstart_main(argv) or 0)
+    try:
+        module = importlib.import_module(QUICKSTART_TASKS[task], __package__)
+    except ImportError as e:
+        print(f"vpeft quickstart --task {task} is not available in this installation ({e})", file=sys.stderr)
+        return 2
+    return int(module.main(rest) or 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -53,7 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, text in (("fit", "train with LightningCLI (vpeft fit -c trainer.yaml -c data.yaml -c method.yaml)"),
                        ("validate", "evaluate on the validation split (LightningCLI)"),
                        ("test", "evaluate on the test split, e.g. --ckpt_path last.ckpt (LightningCLI)"),
-                       ("quickstart", "offline few-shot benchmark on Fashion-MNIST with a self-pretrained ViT"),
+                       ("quickstart", "offline few-shot benchmark on Fashion-MNIST with a self-pretrained ViT "
+                                      "(--task points | segmentation: synthetic point clouds / scikit-image images)"),
                        ("aggregate", "paper-style tables (few-shot, base-to-new, cross-dataset) from result cards")):
         sub.add_parser(name, help=text, add_help=False)
     demo = sub.add_parser("demo", help="offline demo: self-pretrain a tiny ViT, adapt it with PEFT methods")

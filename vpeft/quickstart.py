@@ -565,12 +565,15 @@ def plot(results: dict, path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots)
     ax.set_xticklabels([str(k) for k in shots])
-    ax.set_xlabel("labelled training images per class (shots)")
+    # The point-cloud quickstart reuses this plot: it names its samples ("clouds") and its backbone.
+    unit = results["data"].get("unit", "images")
+    backbone = results.get("backbone", {}).get("label", "tiny ViT")
+    ax.set_xlabel(f"labelled training {unit} per class (shots)")
     split = "test" if results["data"]["eval_split"] == "test" else "validation"
-    ax.set_ylabel(f"{split} accuracy ({results['data']['n_eval']} images)")
+    ax.set_ylabel(f"{split} accuracy ({results['data']['n_eval']} {unit})")
     ax.set_title(f"Few-shot transfer to {n_cls} held-out {results['data']['title']} classes "
                  f"({', '.join(results['data']['target_classes'])})\n"
-                 f"tiny ViT self-pretrained on the other {len(results['data']['source_classes'])} classes; "
+                 f"{backbone} self-pretrained on the other {len(results['data']['source_classes'])} classes; "
                  f"mean +- std over {len(results['seeds'])} seed(s)", fontsize=11)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=9, framealpha=0.9)
