@@ -585,6 +585,38 @@ def plot(results: dict, path: str) -> None:
 # ------------------------------------------------------------------------------------------------------ main
 
 
+def transfer(todo: Sequence[Method], shots: Sequence[int], seeds: Sequence[int],
+             run: Callable[[Method, int, int], tuple[float, float, int]]) -> dict[str, dict]:
+    """Run every method x shot count x seed with ``run(method, k, seed) -> (accuracy, seconds, trainable params)``,
+    printing progress; returns the per-method result rows of ``results.json``. Shared by the point-cloud
+    quickstart."""
+    rows: dict[str, dict] = {}
+    n_runs, done = len(todo) * len(shots) * len(seeds), 0
+    print(f"few-shot transfer: {len(todo)} methods x {len(shots)} shot counts x {len(seeds)} seeds = {n_runs} runs")
+    for m in todo:
+        acc: dict[str, list[float]] = {str(k): [] for k in shots}
+        secs: dict[str, list[float]] = {str(k): [] for k in shots}
+        n_params = 0
+        t_m = time.time()
+        for k in shots:
+            for s in seeds:
+                a, sec, n_params = run(m, k, s)
+                acc[str(k)].append(round(a, 4))
+                secs[str(k)].append(round(sec, 3))
+                done += 1
+        means = " ".join(f"{k}:{np.mean(acc[str(k)]):.3f}" for k in shots)
+        print(f"  [{done}/{n_runs}] {m.name:<26} {means}  ({time.time() - t_m:.1f}s)")
+        rows[m.name] = dict(
+            description=m.description, lr=None if m.probe_only else m.lr,
+            configs=[dict(type=type(c).__name__, **asdict(c)) for c in m.configs],
+            trainable_params=n_params,
+            train_seconds_per_run=round(float(np.mean([v for vs in secs.values() for v in vs])), 3),
+            accuracy={k: dict(zip(["mean", "std"], (round(v, 4) for v in _mean_std(acc[k]))), per_seed=acc[k])
+                      for k in acc},
+            train_seconds=secs)
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The quickstart's command-line options (``vpeft quickstart`` passes its arguments through)."""
     p = argparse.ArgumentParser(prog="vpeft quickstart", description=__doc__.split("\n")[0])
@@ -669,31 +701,8 @@ def _run(args: argparse.Namespace) -> int:
     if not todo:
         raise SystemExit(f"--methods {args.methods} matches none of {[m.name for m in methods()]}")
     t = time.time()
-    rows: dict[str, dict] = {}
     eval_features: dict = {}
-    n_runs, done = len(todo) * len(shots) * len(seeds), 0
-    print(f"few-shot transfer: {len(todo)} methods x {len(shots)} shot counts x {len(seeds)} seeds = {n_runs} runs")
-    for m in todo:
-        acc: dict[str, list[float]] = {str(k): [] for k in shots}
-        secs: dict[str, list[float]] = {str(k): [] for k in shots}
-        n_params = 0
-        t_m = time.time()
-        for k in shots:
-            for s in seeds:
-                a, sec, n_params = run_one(m, arch, ckpt, task, k, s, setup, eval_features)
-                acc[str(k)].append(round(a, 4))
-                secs[str(k)].append(round(sec, 3))
-                done += 1
-        means = " ".join(f"{k}:{np.mean(acc[str(k)]):.3f}" for k in shots)
-        print(f"  [{done}/{n_runs}] {m.name:<26} {means}  ({time.time() - t_m:.1f}s)")
-        rows[m.name] = dict(
-            description=m.description, lr=None if m.probe_only else m.lr,
-            configs=[dict(type=type(c).__name__, **asdict(c)) for c in m.configs],
-            trainable_params=n_params,
-            train_seconds_per_run=round(float(np.mean([v for vs in secs.values() for v in vs])), 3),
-            accuracy={k: dict(zip(["mean", "std"], (round(v, 4) for v in _mean_std(acc[k]))), per_seed=acc[k])
-                      for k in acc},
-            train_seconds=secs)
+    rows = transfer(todo, shots, seeds, lambda m, k, s: run_one(m, arch, ckpt, task, k, s, setup, eval_features))
     timings["transfer"] = time.time() - t
 
     results = dict(
