@@ -648,11 +648,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         The exit status (0 on success).
     """
-    args = build_parser().parse_args(argv)
-    try:  # checked first so a missing plotting library does not surface only after minutes of training
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SystemExit("vpeft quickstart needs matplotlib for its plot (pip install 'vpeft[demo]')") from None
+    return run_quickstart(build_parser().parse_args(argv), _run, "matplotlib", hint="pip install 'vpeft[demo]'")
+
+
+def run_quickstart(args: argparse.Namespace, run: Callable[[argparse.Namespace], int], *needs: str,
+                   hint: str) -> int:
+    """The common frame of every quickstart: check the optional packages ``needs`` first (so a missing one does not
+    surface only after minutes of training), apply ``--threads``, flush denormals, ``run(args)``, restore both."""
+    import importlib
+
+    for name in needs:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise SystemExit(f"vpeft quickstart needs {name} ({hint})") from None
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -661,7 +670,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # same accuracy). Restored on exit since the setting is process-wide.
     torch.set_flush_denormal(True)
     try:
-        return _run(args)
+        return run(args)
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(threads)

@@ -504,20 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         The exit status (0 on success).
     """
-    args = build_parser().parse_args(argv)
-    try:  # checked first so a missing plotting library does not surface only after minutes of training
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise SystemExit("vpeft quickstart needs matplotlib for its plot (pip install 'vpeft[demo]')") from None
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # as the image quickstart: subnormal AdamW states are ~30x slower on CPU
-    try:
-        return _run(args)
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
+    return qs.run_quickstart(build_parser().parse_args(argv), _run, "matplotlib", hint="pip install 'vpeft[demo]'")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -73,6 +73,7 @@ import torch
 import torch.nn as nn
 
 import vpeft
+from vpeft import quickstart as qs
 from vpeft.datasets import fashion_mnist as fmnist
 from vpeft.quickstart import _cosine, _mean_std
 
@@ -621,22 +622,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Returns:
         The exit status (0 on success).
     """
-    args = build_parser().parse_args(argv)
-    try:  # checked first so missing optional packages do not surface only after minutes of training
-        import matplotlib  # noqa: F401
-        import segment_anything  # noqa: F401
-    except ImportError as e:
-        raise SystemExit(f"vpeft quickstart --task segmentation needs {e.name} (pip install 'vpeft[demo,sam]')") \
-            from None
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)  # see vpeft.quickstart.main: subnormal AdamW states are ~30x slower on CPU
-    try:
-        return _run(args)
-    finally:
-        torch.set_flush_denormal(False)
-        torch.set_num_threads(threads)
+    return qs.run_quickstart(build_parser().parse_args(argv), _run, "matplotlib", "segment_anything",
+                             hint="pip install 'vpeft[demo,sam]'")
 
 
 def _run(args: argparse.Namespace) -> int:
