@@ -205,7 +205,7 @@ def test_datamodule_fewshot_manifest_and_no_test_leak(tmp_path):
 
     man["hash"] = _manifest_hash(man)
     path.write_text(json.dumps(man))
-    with pytest.raises(ValueError, match="differ from the manifest"):
+    with pytest.raises(ValueError, match="differs from the manifest"):
         PointCloudDataModule(**kw).setup("fit")
 
 

@@ -300,39 +300,18 @@ class FewShotDataModule(LightningDataModule):
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        from . import read_manifest, write_manifest
-
-        trainer = self.trainer
-        folder = self.manifest_dir or (os.path.join(trainer.default_root_dir, "manifests") if trainer else None)
-        if folder is None:
-            return
         name = f"{self.dataset}_{self.subsample}_{self.shots}shot_seed{self.seed}.json"
-        path = os.path.abspath(os.path.join(folder, name))
-        self.manifest_path = path
-        if trainer is not None and not trainer.is_global_zero:
-            return
-        if os.path.exists(path):
-            old = read_manifest(path)
-            if old["hash"] != self.manifest_hash:
-                raise ValueError(f"the sampled {self.dataset} subset (hash {self.manifest_hash[:12]}) differs from the "
-                                 f"manifest {path} (hash {old['hash'][:12]}): the data on disk changed; move the old "
-                                 "manifest away to accept the new subset")
-            return
-        write_manifest(self.manifest, path)
+        self.manifest_path = record_manifest(self.manifest, self.manifest_hash, self.manifest_dir, self.trainer, name,
+                                             f"the sampled {self.dataset} subset")
 
     def _world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.world_size, t.global_rank) if t is not None else (1, 0)
+        return trainer_world(self.trainer)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by :class:`EpochSeededSampler`, augmented by :class:`SeededAugmentDataset`."""
         if self.train_set is None:
             self.setup("fit")
-        data = SeededAugmentDataset(self.train_set, self.seed)
-        replicas, rank = self._world()
-        sampler = EpochSeededSampler(data, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+        return seeded_train_loader(self.train_set, self.seed, self.batch_size, self.num_workers, self._world())
 
     def _eval_loader(self, data) -> DataLoader:
         return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
@@ -348,3 +327,51 @@ class FewShotDataModule(LightningDataModule):
         if self.test_set is None:
             self.setup("test")
         return self._eval_loader(self.test_set)
+
+
+# -- shared by every vpeft data module (few-shot images, segmentation, point clouds) --------------------------------
+
+
+def record_manifest(manifest: dict, manifest_hash: str, manifest_dir: Optional[str], trainer, name: str,
+                    what: str) -> Optional[str]:
+    """Write ``manifest`` as ``<folder>/<name>`` on rank 0, or check it against the one already there.
+
+    The folder is ``manifest_dir``, else ``<trainer.default_root_dir>/manifests``; with neither nothing is written.
+    Returns the manifest's path (``None`` when nothing is recorded).
+
+    Raises:
+        ValueError: a manifest at that path records another subset (the data on disk changed).
+    """
+    from . import read_manifest, write_manifest
+
+    folder = manifest_dir or (os.path.join(trainer.default_root_dir, "manifests") if trainer else None)
+    if folder is None:
+        return None
+    path = os.path.abspath(os.path.join(folder, name))
+    if trainer is not None and not trainer.is_global_zero:
+        return path
+    if os.path.exists(path):
+        old = read_manifest(path)
+        if old["hash"] != manifest_hash:
+            raise ValueError(f"{what} (hash {manifest_hash[:12]}) differs from the manifest {path} (hash "
+                             f"{old['hash'][:12]}): the data on disk changed; move the old manifest away to accept "
+                             "the new subset")
+        return path
+    write_manifest(manifest, path)
+    return path
+
+
+def trainer_world(trainer) -> tuple[int, int]:
+    """``(world size, global rank)`` of ``trainer``; ``(1, 0)`` without one."""
+    return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+
+def seeded_train_loader(train_set, seed: int, batch_size: int, num_workers: int, world: tuple[int, int],
+                        collate_fn: Optional[Callable] = None) -> DataLoader:
+    """The training loader of every vpeft data module: :class:`EpochSeededSampler` shuffling (sharded over
+    ``world = (replicas, rank)``) and :class:`SeededAugmentDataset` per-sample augmentation."""
+    data = SeededAugmentDataset(train_set, seed)
+    replicas, rank = world
+    sampler = EpochSeededSampler(data, num_replicas=replicas, rank=rank, shuffle=True, seed=seed)
+    return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      persistent_workers=num_workers > 0, drop_last=False)

@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .base import DatasetSplits, Datum
+from .datamodule import record_manifest, seeded_train_loader, trainer_world
 
 logger = logging.getLogger(__name__)
 
@@ -632,39 +633,16 @@ class PointCloudDataModule(LightningDataModule):
         self._write_manifest()
 
     def _write_manifest(self) -> None:
-        from .fewshot import read_manifest, write_manifest
-
-        trainer = self.trainer
-        folder = self.manifest_dir or (os.path.join(trainer.default_root_dir, "manifests") if trainer else None)
-        if folder is None:
-            return
-        path = os.path.abspath(os.path.join(folder, f"pointcloud_{self._name()}_val{self.val_fraction}"
-                                                    f"_seed{self.seed}.json"))
-        self.manifest_path = path
-        if trainer is not None and not trainer.is_global_zero:
-            return
-        if os.path.exists(path):
-            if read_manifest(path)["hash"] != self.manifest_hash:
-                raise ValueError(f"the sampled subsets of {self.root!r} differ from the manifest {path}: the data on "
-                                 "disk changed; move the old manifest away to accept the new subsets")
-            return
-        write_manifest(self.manifest, path)
-
-    def _world(self) -> tuple[int, int]:
-        t = self.trainer
-        return (t.world_size, t.global_rank) if t is not None else (1, 0)
+        name = f"pointcloud_{self._name()}_val{self.val_fraction}_seed{self.seed}.json"
+        self.manifest_path = record_manifest(self.manifest, self.manifest_hash, self.manifest_dir, self.trainer, name,
+                                             f"the sampled subsets of {self.root!r}")
 
     def train_dataloader(self) -> DataLoader:
         """Seeded shuffle and per-sample augmentation (see ``FewShotDataModule``)."""
-        from .datamodule import EpochSeededSampler, SeededAugmentDataset
-
         if self.train_set is None:
             self.setup("fit")
-        data = SeededAugmentDataset(self.train_set, self.seed)
-        replicas, rank = self._world()
-        sampler = EpochSeededSampler(data, num_replicas=replicas, rank=rank, shuffle=True, seed=self.seed)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
+        return seeded_train_loader(self.train_set, self.seed, self.batch_size, self.num_workers,
+                                   trainer_world(self.trainer))
 
     def _eval_loader(self, data) -> DataLoader:
         return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
