@@ -90,10 +90,19 @@ def parser_cli(coop_root):
     return _cli(*PARTNERS["method"], args=("--data.root", coop_root, "--data.shots", "2", "--trainer.logger=false"))
 
 
-@pytest.mark.parametrize("path", [p for g in ("trainer", "data", "experiment") for p in BY_GROUP[g]],
-                         ids=[f"{g}/{p.name}" for g in ("trainer", "data", "experiment") for p in BY_GROUP[g]])
-def test_yaml_composes_in_the_cli_parser(path: Path, parser_cli):
-    group = path.parent.name
+def _task_class(path: Path) -> str:
+    """The ``model.class_path`` an experiment YAML names (``""``: the default few-shot classifier)."""
+    return (yaml.safe_load(path.read_text()).get("model") or {}).get("class_path", "")
+
+
+#: Experiment presets of other tasks (SAM segmentation, ...) name their task and data module by class_path and are
+#: complete on their own; they parse in subclass mode below.
+OWN_TASK = [p for p in BY_GROUP["experiment"] if _task_class(p)]
+COMPOSED = [(g, p) for g in ("trainer", "data", "experiment") for p in BY_GROUP[g] if p not in OWN_TASK]
+
+
+@pytest.mark.parametrize("group, path", COMPOSED, ids=[f"{g}/{p.name}" for g, p in COMPOSED])
+def test_yaml_composes_in_the_cli_parser(group: str, path: Path, parser_cli):
     argv = [a for c in (*PARTNERS[group], f"{group}/{path.name}", "method/lora.yaml")
             for a in ("-c", str(CONFIG_DIR / c))]
     cfg = parser_cli.parser.parse_args(argv)  # exits (fails the test) on any unknown key or bad value
@@ -101,3 +110,25 @@ def test_yaml_composes_in_the_cli_parser(path: Path, parser_cli):
         from vpeft.datasets import list_datasets
 
         assert cfg.data.dataset in list_datasets()
+
+
+@pytest.mark.parametrize("path", OWN_TASK, ids=[p.name for p in OWN_TASK])
+def test_task_experiments_parse_in_subclass_mode(path: Path, tmp_path):
+    """A preset naming its own task and data module parses (with the CPU trainer) into exactly those classes, every
+    init arg accepted by their signatures (the parser exits on an unknown key or a bad value)."""
+    pytest.importorskip("lightning")
+    from lightning.pytorch import LightningDataModule
+
+    from vpeft.modules.base import PeftTask
+    from vpeft.modules.lightning_cli import VpeftCLI
+
+    data = yaml.safe_load(path.read_text())
+    argv = ["-c", str(CONFIG_DIR / "trainer/cpu.yaml"), "-c", str(path), "--trainer.logger=false",
+            "--trainer.default_root_dir", str(tmp_path)]
+    cli = VpeftCLI(PeftTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
+                   auto_configure_optimizers=False, args=argv)
+    assert f"{type(cli.model).__module__}.{type(cli.model).__name__}" == data["model"]["class_path"]
+    assert f"{type(cli.datamodule).__module__}.{type(cli.datamodule).__name__}" == data["data"]["class_path"]
+    want = [(m["class_path"].rsplit(".", 1)[-1], m["init_args"]) for m in data["model"]["init_args"]["methods"]]
+    got = [(type(c).__name__, {k: getattr(c, k) for k in args}) for c, (_, args) in zip(cli.model.methods, want)]
+    assert [(n, {k: list(v) if isinstance(v, tuple) else v for k, v in a.items()}) for n, a in got] == want

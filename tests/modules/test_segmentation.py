@@ -190,7 +190,7 @@ def test_cli_fit_improves_dice_and_adapter_round_trips(tmp_path):
     root = tmp_path / "data"
     synthetic_segmentation(root, 16)
     common = ["-c", str(REPO / "configs/trainer/cpu.yaml"),
-              "-c", str(REPO / "configs/segmentation/sam_samed_tiny_cpu.yaml"),
+              "-c", str(REPO / "configs/experiment/sam_samed_tiny_cpu.yaml"),
               "--data.init_args.root", str(root), "--data.init_args.class_map", "{0: 0, 255: 1}",
               "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
               "--trainer.log_every_n_steps=1"]
@@ -256,7 +256,7 @@ def test_vit_b_preset_parses_with_its_own_defaults(tmp_path):
     from vpeft.modules.base import PeftTask
     from vpeft.modules.lightning_cli import VpeftCLI
 
-    argv = ["-c", str(REPO / "configs/trainer/cpu.yaml"), "-c", str(REPO / "configs/segmentation/sam_samed_vit_b.yaml"),
+    argv = ["-c", str(REPO / "configs/trainer/cpu.yaml"), "-c", str(REPO / "configs/experiment/sam_samed_vit_b.yaml"),
             "--trainer.logger=false", "--trainer.default_root_dir", str(tmp_path)]
     cli = VpeftCLI(PeftTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
                    auto_configure_optimizers=False, args=argv)

@@ -8,7 +8,7 @@ dense embedding), and a mask decoder whose output mask tokens are the classes: t
 classes including the background, so its ``K`` mask tokens give ``K`` per-pixel class logits (softmax over them).
 The decoder and the prompt encoder train in full with the LoRA factors.
 
-Paper / official-code defaults (used by :class:`SamSegmenter` and ``configs/segmentation/sam_samed_vit_b.yaml``):
+Paper / official-code defaults (used by :class:`SamSegmenter` and ``configs/experiment/sam_samed_vit_b.yaml``):
     * LoRA rank 4 on ``q`` and ``v`` of every encoder block, no scaling (``alpha = r``).
     * Trainable extras: ``mask_decoder`` and ``prompt_encoder``.
     * Loss ``0.8 * Dice + 0.2 * CE`` on the low-resolution logits (``img_size / 4``) against the label map resized
@@ -30,6 +30,14 @@ SAMed's loader leaves them) are exactly: ``mask_decoder.mask_tokens.weight`` (``
 ``mask_decoder.output_hypernetworks_mlps.{0..K-1}.layers.{0,1,2}.{weight,bias}`` and
 ``mask_decoder.iou_prediction_head.layers.2.{weight,bias}`` (``K x 256``, ``K``). SAMed's own loader also re-initialises
 the hidden IoU-head layers; they do not depend on ``K``, so they are kept here.
+
+MapSAM-style automatic prompting (``auto_prompt=AutoPromptConfig()``; MapSAM, arXiv:2411.06971): a light head on the
+image embedding predicts a coarse foreground map; its most and least confident pixels become positive and negative
+point prompts for SAM's prompt encoder, the image embedding averaged over the coarse foreground is added to the decoder
+tokens (the positional-semantic prompt), and the decoder's token-to-image attentions are masked to that foreground.
+The class tokens stay SAMed's, the head trains with a binary cross-entropy against ``label > 0`` (weight
+``auto_prompt.loss_weight``) and is saved with the adapter as a task module (``prompt_head``). Details and deviations:
+:mod:`vpeft.modules._sam_prompting`; preset ``configs/experiment/sam_mapsam_vit_b.yaml`` (DoRA r=4 on q, v).
 
 Binary tasks (``num_classes=2``) use the same ``K``-token softmax by default (SAMed's formulation);
 ``binary_mode="sigmoid"`` instead keeps the official decoder unchanged (no new tensors) and reads its single-mask
@@ -59,6 +67,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import vpeft
 
+from ._sam_prompting import (
+    AutoPromptConfig,
+    PromptGenerator,
+    attention_bias,
+    decode,
+    foreground_mask,
+    select_points,
+    target_embedding,
+)
 from .base import PeftTask
 
 #: SAMed's loss weights (``loss = (1 - dice_weight) * CE + dice_weight * Dice`` with ``dice_weight = 0.8``).
@@ -188,6 +205,8 @@ class SamSegmenter(PeftTask):
         loss_resolution: ``"low_res"`` (SAMed: logits at ``img_size / 4``, labels resized by nearest neighbour) or
             ``"label"`` (logits upsampled to the label size).
         hausdorff: Also log torchmetrics' (maximum) symmetric Hausdorff distance in validation and test.
+        auto_prompt: ``None`` (SAMed: no prompt at all) or an :class:`AutoPromptConfig` for MapSAM's automatic
+            point prompts, positional-semantic prompt and masked attention.
     """
 
     def __init__(
@@ -209,6 +228,7 @@ class SamSegmenter(PeftTask):
             binary_mode: str = "softmax",
             loss_resolution: str = "low_res",
             hausdorff: bool = False,
+            auto_prompt: Optional[AutoPromptConfig] = None,
     ) -> None:
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (classes including the background), got "
@@ -227,6 +247,12 @@ class SamSegmenter(PeftTask):
             raise ValueError(f"binary_mode='sigmoid' needs num_classes=2, got {num_classes}")
         if loss_resolution not in ("low_res", "label"):
             raise ValueError(f"loss_resolution must be 'low_res' or 'label', got {loss_resolution!r}")
+        if isinstance(auto_prompt, dict):  # from a checkpoint's hyper-parameters
+            auto_prompt = AutoPromptConfig(**auto_prompt)
+        if auto_prompt is not None:
+            if not isinstance(auto_prompt, AutoPromptConfig):
+                raise TypeError(f"auto_prompt must be None or an AutoPromptConfig, got {type(auto_prompt).__name__}")
+            auto_prompt.validate()
         if methods is None:
             methods = [samed_lora()]
         super().__init__(backbone, methods, trainable_extra, pretrained, backbone_kwargs, adapter, optimizer,
@@ -236,6 +262,11 @@ class SamSegmenter(PeftTask):
         self.sigmoid = binary_mode == "sigmoid"
         self.loss_resolution = loss_resolution
         self.hausdorff = hausdorff
+        self.auto_prompt = auto_prompt
+        if auto_prompt is not None:  # plain data in the hyper-parameters (checkpoints load with weights_only)
+            self.hparams["auto_prompt"] = dict(vars(auto_prompt), hidden=list(auto_prompt.hidden))
+        #: MapSAM's prompt generator (a task module, saved with the adapter), built in build_task_modules.
+        self.prompt_head: Optional[PromptGenerator] = None
         #: Decoder tensors freshly initialised for the class tokens (see the module doc), set by build_backbone.
         self.new_decoder_tensors: list[str] = []
         self.metrics = nn.ModuleDict({f"{s}_": self._make_metrics() for s in ("train", "val", "test")})
@@ -264,6 +295,12 @@ class SamSegmenter(PeftTask):
             self.new_decoder_tensors = [f"mask_decoder.{k}" for k in fresh]
         return model
 
+    def build_task_modules(self, model: vpeft.PeftModel) -> None:
+        """MapSAM's prompt generator (with ``auto_prompt``), initialised under ``init_seed``."""
+        if self.auto_prompt is not None:
+            channels = model.base_model.mask_decoder.transformer_dim
+            self.prompt_head = PromptGenerator(channels, self.auto_prompt.hidden)
+
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):  # noqa: D102
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         # Metric states are not task modules to save (they are reset every epoch).
@@ -283,14 +320,33 @@ class SamSegmenter(PeftTask):
     def low_res_logits(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, K, 4h', 4w')`` class logits (``(B, 1, ...)`` foreground logits with ``binary_mode="sigmoid"``) at the
         decoder's resolution, covering the padded ``img_size`` square."""
+        return self._decode(images)[0]
+
+    def _decode(self, images: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Low-resolution class logits and (with ``auto_prompt``) the prompt generator's coarse logits."""
         sam = self.sam
         emb = sam.image_embeddings(images)
+        if self.auto_prompt is None:
+            masks = self._prompt_free(sam, emb)
+            return (masks[:, :1] if self.sigmoid else masks), None
+        cfg = self.auto_prompt
+        coarse = self.prompt_head(emb)
+        points = select_points(coarse, cfg.points, sam.img_size, tuple(images.shape[-2:]))
+        sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
+        fg = foreground_mask(coarse, cfg.threshold)
+        target = target_embedding(emb, fg, coarse) if cfg.semantic else None
+        bias = attention_bias(fg, emb.dtype) if cfg.masked_attention else None
+        masks, _ = decode(sam.mask_decoder, emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, target, bias)
+        return (masks[:, :1] if self.sigmoid else masks), coarse
+
+    @staticmethod
+    def _prompt_free(sam, emb: torch.Tensor) -> torch.Tensor:
         sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
         # Prompt-free: the empty sparse prompt and the "no mask" dense embedding broadcast over the batch. SAMed reads
         # every mask token (the official forward would drop token 0 with multimask_output, or keep only it).
         masks, _ = sam.mask_decoder.predict_masks(image_embeddings=emb, image_pe=sam.prompt_encoder.get_dense_pe(),
                                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
-        return masks[:, :1] if self.sigmoid else masks
+        return masks
 
     def upsample(self, low_res: torch.Tensor, input_size: tuple[int, int],
                  label_size: tuple[int, int]) -> torch.Tensor:
@@ -324,13 +380,17 @@ class SamSegmenter(PeftTask):
         images, labels = batch
         self._check_labels(labels)
         hw = tuple(images.shape[-2:])
-        low = self.low_res_logits(images)
+        low, coarse = self._decode(images)
         logits = self.upsample(low, hw, tuple(labels.shape[-2:]))
         if self.loss_resolution == "low_res":
             loss = segmentation_loss(*self._low_res_target(labels, low, hw), self.dice_weight, self.ce_weight,
                                      self.sigmoid)
         else:
             loss = segmentation_loss(logits, labels, self.dice_weight, self.ce_weight, self.sigmoid)
+        if coarse is not None and self.auto_prompt.loss_weight > 0:
+            hint = self.prompt_loss(coarse, labels, hw)
+            self.log(f"{stage}/prompt_loss", hint, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labels))
+            loss = loss + self.auto_prompt.loss_weight * hint
         preds = self.predict_labels(logits.detach())
         b = len(labels)
         self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True,
@@ -339,6 +399,14 @@ class SamSegmenter(PeftTask):
         for m in metrics.values():
             m.update(preds, labels.long())
         return loss
+
+    def prompt_loss(self, coarse: torch.Tensor, labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """MapSAM's hint loss: binary cross-entropy of the coarse logits, upsampled to the decoder's low resolution
+        (``img_size / 4``), against the foreground ``labels > 0`` over the image area."""
+        grid = 4 * coarse.shape[-1]
+        up = F.interpolate(coarse, (grid, grid), mode="bilinear", align_corners=False)
+        up, target = self._low_res_target(labels, up, hw)
+        return F.binary_cross_entropy_with_logits(up[:, 0], (target > 0).to(up.dtype))
 
     def _check_labels(self, labels: torch.Tensor) -> None:
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
@@ -385,10 +453,9 @@ class SamSegmenter(PeftTask):
         return self.predict_labels(self(x))
 
     def calibration_loss(self, backbone: nn.Module, inputs: Any, targets: Any) -> torch.Tensor:
-        """Segmentation loss of the plain SAM (for data-calibrated methods)."""
-        emb = backbone.image_embeddings(inputs)
-        sparse, dense = backbone.prompt_encoder(points=None, boxes=None, masks=None)
-        low, _ = backbone.mask_decoder.predict_masks(emb, backbone.prompt_encoder.get_dense_pe(), sparse, dense)
+        """Segmentation loss of the plain, prompt-free SAM (for data-calibrated methods; calibration runs before the
+        task modules, MapSAM's prompt generator included, exist)."""
+        low = self._prompt_free(backbone, backbone.image_embeddings(inputs))
         low = low[:, :1] if self.sigmoid else low
         logits = backbone.postprocess_masks(low, tuple(inputs.shape[-2:]), tuple(targets.shape[-2:]))
         return segmentation_loss(logits, targets, self.dice_weight, self.ce_weight, self.sigmoid)
