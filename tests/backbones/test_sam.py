@@ -308,7 +308,8 @@ def test_pre_and_post_processing_match_official(tiny_pair):
 def test_sam_spec(tiny_pair):
     _, _, model = tiny_pair
     spec = vpeft.get_spec(model)
-    assert spec.family == "sam" and list(spec.towers) == ["image_encoder"] and spec.default_towers == ("image_encoder",)
+    assert spec.family == "sam" and list(spec.towers) == ["image_encoder", "mask_decoder"]
+    assert spec.default_towers == ("image_encoder",)
     tower = spec.towers["image_encoder"]
     assert (tower.depth, tower.width, tower.num_heads, tower.layout, tower.num_prefix_tokens) == (2, 64, 4, "NHWC", 0)
     expect = {"block": ("", "block"), "norm1": (".norm1", "norm"), "qkv": (".attn.qkv", "linear"),
@@ -323,7 +324,7 @@ def test_sam_spec(tiny_pair):
             assert {s.kind for s in sites} == {kind} and {s.out_slice for s in sites} == {slices.get(site)}
     (emb,) = spec.resolve(model, "embed")
     assert (emb.path, emb.kind) == ("image_encoder.patch_embed.proj", "conv")
-    for name in ("final_norm", "head", "mask_decoder.q"):
+    for name in ("final_norm", "head", "mask_decoder.block", "prompt_encoder.q"):
         with pytest.raises(ValueError):
             spec.resolve(model, name)
 

@@ -20,6 +20,9 @@ BLOCK_SITES = ("block", "norm1", "qkv", "q", "k", "v", "attn_out", "norm2", "mlp
 GLOBAL_SITES = ("embed", "pre_norm", "final_norm", "head")
 ALL_SITES = GLOBAL_SITES[:2] + BLOCK_SITES + GLOBAL_SITES[2:]
 
+#: How a tower computes q, k and v (see :attr:`TowerSpec.attention`).
+ATTENTION_KINDS = ("fused_linear", "packed", "separate")
+
 #: Kinds of module a site can hold. ``packed_attn`` is an attention module whose q/k/v projection is a packed
 #: ``in_proj_weight`` Parameter (``nn.MultiheadAttention`` or open_clip's ``Attention``), not a Linear.
 SITE_KINDS = ("linear", "norm", "packed_attn", "block", "embed", "conv", "other")
@@ -35,7 +38,8 @@ class Site:
         layer: Block index for per-block sites, else ``None``.
         path: Dotted path of the module that a wrapper replaces.
         kind: Kind of that module, one of :data:`SITE_KINDS`.
-        out_slice: For q/k/v of a fused projection: ``(start, stop)`` of the fused output; else ``None``.
+        out_slice: For q/k/v of a fused projection: ``(start, stop)`` of the fused output; else ``None`` (also for
+            q/k/v of ``"separate"`` attention, where each is a whole Linear).
         host: Path of a packed attention module that must run through vpeft's re-implementation for this
             site to take effect (``out_proj`` of ``nn.MultiheadAttention`` is read as a weight, not called).
     """
@@ -63,15 +67,25 @@ class TowerSpec:
         depth: Number of blocks.
         width: Token width.
         num_heads: Attention heads per block.
-        block: Path template of block ``i``, e.g. ``"blocks.{i}"``.
+        block: Path template of block ``i``, e.g. ``"blocks.{i}"``; ``""`` when :attr:`block_paths` lists the blocks.
         block_sites: Semantic name -> path relative to a block (``norm1``, ``attn``, ``attn_out``, ...).
-            ``attn`` names the attention module; ``qkv`` the fused Linear when attention is ``"fused_linear"``.
+            ``attn`` names the attention module; ``qkv`` the fused Linear when attention is ``"fused_linear"``;
+            ``q``/``k``/``v`` the three Linears when attention is ``"separate"``.
         global_sites: Semantic name -> absolute path (``embed``, ``final_norm``, ``head``, ...).
-        attention: ``"fused_linear"`` (timm: a ``qkv`` Linear) or ``"packed"`` (open_clip: ``in_proj_weight``).
+        attention: How q, k and v are computed. ``"fused_linear"`` (timm: one ``qkv`` Linear; ``q``/``k``/``v`` are
+            its output slices, ``qkv`` the whole Linear), ``"packed"`` (open_clip: ``in_proj_weight``; ``q``/``k``/``v``
+            are its row slices) or ``"separate"`` (three Linears at ``block_sites["q"]``, ``["k"]``, ``["v"]``, e.g.
+            SAM's mask decoder; each is a whole-Linear site with no output slice, and there is no ``qkv`` site).
         layout: Token layout of block inputs: ``"NLC"`` (batch, tokens, channels).
         num_prefix_tokens: Class/register tokens before the patch tokens.
         causal: Whether blocks run under a causal mask of fixed length (text towers).
         embed_channel_dim: Channel dimension of the embed site's output (-1 for tokens, 1 for a conv map).
+        block_paths: Explicit absolute paths of blocks ``0..depth-1`` (in this order) instead of the :attr:`block`
+            template, for towers whose "blocks" are not one indexed list (SAM's mask decoder: its seven attention
+            modules). ``layers=[...]`` indexes this tuple.
+        block_site: Whether each block is a ``block`` site (a transformer block mapping a token sequence to a token
+            sequence, where token and side-network methods attach). False for towers whose blocks are bare attention
+            modules taking separate query, key and value inputs.
     """
 
     name: str
@@ -86,11 +100,47 @@ class TowerSpec:
     num_prefix_tokens: int = 1
     causal: bool = False
     embed_channel_dim: int = -1
+    block_paths: Optional[tuple[str, ...]] = None
+    block_site: bool = True
+
+    def __post_init__(self) -> None:
+        # Spec builders are code, but a wrong spec would mis-place adapters silently: refuse it at construction.
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"TowerSpec {self.name!r}: attention must be one of {ATTENTION_KINDS}, "
+                             f"got {self.attention!r}")
+        if self.block_paths is not None:
+            if not isinstance(self.block_paths, tuple) or not all(isinstance(p, str) for p in self.block_paths):
+                raise TypeError(f"TowerSpec {self.name!r}: block_paths must be a tuple of str, got "
+                                f"{self.block_paths!r}")
+            if len(self.block_paths) != self.depth or self.block:
+                raise ValueError(f"TowerSpec {self.name!r}: block_paths needs one path per block (depth "
+                                 f"{self.depth}, got {len(self.block_paths)}) and block='' (got {self.block!r})")
+        if self.attention == "separate" and "qkv" in self.block_sites:
+            raise ValueError(f"TowerSpec {self.name!r}: attention='separate' has no fused 'qkv' site; name the "
+                             "q, k and v Linears in block_sites")
+
+    def block_path(self, i: int) -> str:
+        """Absolute path of block ``i`` (``0 <= i < depth``): ``block_paths[i]``, else the :attr:`block` template.
+
+        Raises:
+            ValueError: ``i`` is not a block index of this tower.
+        """
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.depth:
+            raise ValueError(f"block index {i!r} out of range for tower {self.name or '(main)'!r} "
+                             f"(valid: 0..{self.depth - 1})")
+        if self.block_paths is not None:
+            return self.block_paths[i]
+        return self.block.format(i=i)
 
     def site_names(self) -> list[str]:
         """Semantic names available on this tower."""
         names = [n for n in GLOBAL_SITES if n in self.global_sites]
-        names += [n for n in BLOCK_SITES if n == "block" or n in ("q", "k", "v", "qkv") or n in self.block_sites]
+        if self.attention == "separate":
+            qkv = tuple(n for n in ("q", "k", "v") if n in self.block_sites)
+        else:  # slices of the fused or packed projection (always present)
+            qkv = ("q", "k", "v", "qkv")
+        names += (["block"] if self.block_site else []) + list(qkv)
+        names += [n for n in self.block_sites if n not in ("block", "q", "k", "v", "qkv")]  # ``attn`` is no site
         return [n for n in ALL_SITES if n in names]
 
 
@@ -183,10 +233,10 @@ class BackboneSpec:
         return sites
 
     def _block_site(self, model: nn.Module, tower: TowerSpec, base: str, i: int) -> Site:
-        blk = tower.block.format(i=i)
+        blk = tower.block_path(i)
         if base == "block":
             return Site(base, tower.name, i, blk, "block")
-        if base in ("q", "k", "v", "qkv"):
+        if base in ("q", "k", "v", "qkv") and tower.attention != "separate":
             d = tower.width
             sl = None if base == "qkv" else ("qkv".index(base) * d, ("qkv".index(base) + 1) * d)
             if tower.attention == "fused_linear":

@@ -19,11 +19,26 @@ through timm's own SAM key filter (``vision_transformer_sam.checkpoint_filter_fn
 modules; the whole key set is checked before anything is loaded. ``pretrained=True`` is refused: timm's hub holds
 only the image encoder (``samvit_base_patch16.sa1b``), and the decoder exists only in the official file.
 
-The image encoder's blocks run on windowed ``(B, H, W, C)`` token grids (layout ``NHWC``, no prefix tokens): per-site
-methods (LoRA and other weight deltas on the fused ``qkv`` Linear, ``attn_out``, ``mlp_in``/``mlp_out``; SSF and
-BitFit on norms and Linears) apply; token methods that insert tokens into a sequence (VPT) refuse the tower. The
-prompt encoder and mask decoder are not adapter targets; fine-tune the decoder with
-``get_peft_model(model, configs, trainable_extra=["mask_decoder"])``.
+Adapter targets (spec towers): ``image_encoder`` (the default tower: unqualified names such as ``"q"`` mean it) and
+``mask_decoder``. The image encoder's blocks run on windowed ``(B, H, W, C)`` token grids (layout ``NHWC``, no prefix
+tokens): per-site methods (LoRA and other weight deltas on the fused ``qkv`` Linear, ``attn_out``,
+``mlp_in``/``mlp_out``; SSF and BitFit on norms and Linears) apply; token methods that insert tokens into a sequence
+(VPT) refuse the tower. The ``mask_decoder`` tower holds the attention modules of the official decoder's two-way
+transformer, in forward order: per ``transformer.layers.{j}`` its ``self_attn``, ``cross_attn_token_to_image`` and
+``cross_attn_image_to_token``, then ``final_attn_token_to_image`` (seven for SAM's depth-2 decoder; ``layers=[6]`` or
+``[-1]`` is the final one). Its only sites are ``mask_decoder.q``/``.k``/``.v``/``.attn_out``: the separate
+``q_proj``/``k_proj``/``v_proj``/``out_proj`` Linears (256 -> 256 in self-attention, 256 -> 128 in the cross
+attentions), so weight-delta methods (LoRA, DoRA, ...) attach there, while ``block``, ``qkv``, norm and MLP sites do
+not exist on it (VPT, side networks and MLP adapters refuse it). SAMed's decoder variant (hitachinsk/SAMed,
+``sam_lora_image_encoder_mask_decoder.py``: LoRA on q and v of the encoder and of every decoder attention, the rest
+of the decoder and the prompt encoder trained in full, the decoder transformer's own weights frozen) is::
+
+    get_peft_model(model, LoraConfig(r=4, targets=["q", "v", "mask_decoder.q", "mask_decoder.v"]),
+                   trainable_extra=["prompt_encoder", "mask_decoder.iou_token", "mask_decoder.mask_tokens",
+                                    "mask_decoder.output_upscaling", "mask_decoder.output_hypernetworks_mlps",
+                                    "mask_decoder.iou_prediction_head"])
+
+Fine-tune the whole decoder instead with ``trainable_extra=["mask_decoder"]``.
 
 Deviations from the official implementation (facebookresearch/segment-anything):
     * The image encoder is timm's re-implementation (fused scaled-dot-product attention with the relative-position
@@ -409,15 +424,73 @@ def _encoder_tower(name: str, prefix: str, encoder: nn.Module, head: Optional[st
     )
 
 
+#: Attention modules of one official ``TwoWayAttentionBlock``, in the order its forward calls them.
+DECODER_BLOCK_ATTENTIONS = ("self_attn", "cross_attn_token_to_image", "cross_attn_image_to_token")
+#: The official decoder ``Attention``'s Linears by semantic site name (``out_proj`` maps back to the token width).
+DECODER_ATTENTION_SITES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "attn_out": "out_proj"}
+
+
+def decoder_attention_paths(decoder: nn.Module, prefix: str = "mask_decoder.") -> Optional[list[str]]:
+    """Paths of the attention modules of an official two-way mask decoder, in forward order; ``None`` when the
+    decoder is not built that way (then the spec has no ``mask_decoder`` tower).
+
+    The order, which is the ``mask_decoder`` tower's block index: for each ``transformer.layers.{j}`` in turn its
+    ``self_attn``, ``cross_attn_token_to_image`` and ``cross_attn_image_to_token``, then
+    ``transformer.final_attn_token_to_image``. SAM's depth-2 decoder has seven: 0-2 in layer 0, 3-5 in layer 1,
+    6 (or -1) the final token-to-image attention.
+    """
+    transformer = getattr(decoder, "transformer", None)
+    layers = getattr(transformer, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        return None
+    rel = [f"layers.{j}.{a}" for j in range(len(layers)) for a in DECODER_BLOCK_ATTENTIONS]
+    rel.append("final_attn_token_to_image")
+    for r in rel:
+        try:
+            attn = transformer.get_submodule(r)
+        except AttributeError:
+            return None
+        if not all(isinstance(getattr(attn, n, None), nn.Linear) for n in DECODER_ATTENTION_SITES.values()):
+            return None
+    return [f"{prefix}transformer.{r}" for r in rel]
+
+
+def _decoder_tower(model: nn.Module, name: str = "mask_decoder") -> Optional[TowerSpec]:
+    """The attention-only tower over the mask decoder's two-way transformer (read from the model, so a decoder
+    replaced after creation, e.g. by ``SamSegmenter``'s class-token decoder, is the one described)."""
+    paths = decoder_attention_paths(getattr(model, name, None), f"{name}.")
+    if paths is None:
+        return None
+    first = model.get_submodule(paths[0])
+    return TowerSpec(
+        name=name,
+        depth=len(paths),
+        width=first.q_proj.in_features,  # the token width every projection reads (256); cross attentions project
+        num_heads=first.num_heads,  # ... to a narrower internal width (128), which only the site shapes show
+        block="",
+        block_sites=dict(DECODER_ATTENTION_SITES),
+        attention="separate",
+        layout="NLC",
+        num_prefix_tokens=0,
+        block_paths=tuple(paths),
+        block_site=False,  # an attention module takes (q, k, v), not one token sequence: no block-level methods
+    )
+
+
 def _is_sam(model: nn.Module) -> bool:
     return isinstance(model, SamModel)
 
 
 @register_spec(_is_sam)
 def sam_spec(model: nn.Module) -> BackboneSpec:
-    """Spec of a :class:`SamModel`: one tower, the image encoder (``image_encoder.blocks.{i}``)."""
-    return BackboneSpec("sam", {"image_encoder": _encoder_tower("image_encoder", "image_encoder.",
-                                                                model.image_encoder)}, ("image_encoder",))
+    """Spec of a :class:`SamModel`: the image encoder (``image_encoder.blocks.{i}``; the default tower) and, for an
+    official two-way decoder, the ``mask_decoder`` tower of its attention modules (see
+    :func:`decoder_attention_paths`), reached by qualified names only (``"mask_decoder.q"``)."""
+    towers = {"image_encoder": _encoder_tower("image_encoder", "image_encoder.", model.image_encoder)}
+    decoder = _decoder_tower(model)
+    if decoder is not None:
+        towers["mask_decoder"] = decoder
+    return BackboneSpec("sam", towers, ("image_encoder",))
 
 
 def _is_timm_samvit(model: nn.Module) -> bool:

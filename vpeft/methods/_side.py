@@ -239,7 +239,7 @@ class BlockParts:
     def __init__(self, model: nn.Module, tower: TowerSpec, layer: int) -> None:
         from ._lowrank import site_weight
 
-        blk_path = tower.block.format(i=layer)
+        blk_path = tower.block_path(layer)
 
         def sub(name: str) -> nn.Module:
             return _unwrap(model.get_submodule(f"{blk_path}.{tower.block_sites[name]}"))
