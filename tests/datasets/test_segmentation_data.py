@@ -139,3 +139,130 @@ def test_datamodule_batches_and_manifest(tmp_path):
         SegmentationDataModule(str(root), class_map=CLASS_MAP, num_classes=2)
     with pytest.raises(ValueError, match="different sizes"):
         collate_segmentation([(torch.zeros(3, 4, 4), torch.zeros(4, 4)), (torch.zeros(3, 4, 5), torch.zeros(4, 5))])
+
+
+# -- Synapse .h5 volumes -------------------------------------------------------------------------------------------
+def write_volume(path, depth: int, size=(8, 6), seed: int = 0, **override) -> tuple[np.ndarray, np.ndarray]:
+    """A SAMed-style test volume: ``image`` (D, H, W) in [0, 1], ``label`` (D, H, W) class ids stored as float32."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(seed)
+    image = rng.random((depth, *size)).astype(np.float32)
+    label = rng.integers(0, 4, (depth, *size)).astype(np.float32)
+    data = {"image": image, "label": label, **override}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        for k, v in data.items():
+            if v is not None:
+                f[k] = v
+    return image, label.astype(np.int64)
+
+
+def samed_root(tmp_path, depths=(3, 2)):
+    """SAMed's layout: train/ holds .npz slices (train_npz), test/ .h5 volumes (test_vol_h5, sorted by name)."""
+    root = tmp_path / "synapse"
+    (root / "train").mkdir(parents=True)
+    for i in range(4):
+        np.savez(root / "train" / f"case0005_slice{i:03d}.npz", image=np.full((8, 6), 0.5, np.float32),
+                 label=np.zeros((8, 6), np.float32))
+    vols = [write_volume(root / "test" / f"case{n:04d}.npy.h5", d, seed=n) for n, d in zip((2, 1), depths)]
+    return root, vols[::-1]  # sorted order: case0001 (depth 2), case0002 (depth 3)
+
+
+def test_h5_volumes_expand_into_slices_with_ids(tmp_path):
+    from vpeft.metrics import VolumeAccumulator
+
+    root, vols = samed_root(tmp_path)
+    splits = read_segmentation_splits(str(root), fmt="npz")
+    assert [p.rsplit("/", 1)[-1] for p in splits["test"]] == ["case0001.npy.h5", "case0002.npy.h5"]
+    assert len(SegmentationDataset(splits["train"], 4, fmt="npz")[0]) == 2  # .npz slices stay (image, label)
+    ds = SegmentationDataset(splits["test"], 4, fmt="npz")
+    assert len(ds) == 5 and ds.volume_names == ["case0001", "case0002"]
+    want = [(v, z) for v, (img, _) in enumerate(vols) for z in range(len(img))]
+    for i, (v, z) in enumerate(want):
+        img, lab, vid, sid = ds[i]
+        assert vid.dtype == sid.dtype == torch.int64 and vid.dim() == sid.dim() == 0 and (int(vid), int(sid)) == (v, z)
+        torch.testing.assert_close(img, torch.from_numpy(vols[v][0][z] * 255)[None].repeat(3, 1, 1))
+        assert lab.dtype == torch.int64 and torch.equal(lab, torch.from_numpy(vols[v][1][z]))
+    # Batched in a shuffled order, the slices reassemble into the original label volumes.
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, shuffle=True, collate_fn=collate_segmentation,
+                                         generator=torch.Generator().manual_seed(0))
+    acc = VolumeAccumulator(4)
+    for x, y, vid, sid in loader:
+        assert x.shape[1:] == (3, 8, 6) and vid.shape == sid.shape == (len(x),) and vid.dtype == torch.int64
+        acc.update(y, y, vid, sid)
+    for v, (_, label) in enumerate(vols):
+        np.testing.assert_array_equal(acc.volume(v)[1], label)
+    assert acc.compute().mean_dice == 1.0
+
+
+def test_h5_resize_keep_label_size_and_workers(tmp_path):
+    root, vols = samed_root(tmp_path)
+    items = read_segmentation_splits(str(root), fmt="npz")["test"]
+    img, lab, _, _ = SegmentationDataset(items, 4, image_size=16, fmt="npz")[0]
+    assert img.shape == (3, 16, 16) and lab.shape == (16, 16)
+    img, lab, _, _ = SegmentationDataset(items, 4, image_size=16, fmt="npz", keep_label_size=True)[0]
+    assert img.shape == (3, 16, 16) and torch.equal(lab, torch.from_numpy(vols[0][1][0]))
+    # Files are opened per access, so forked workers read them safely.
+    loader = torch.utils.data.DataLoader(SegmentationDataset(items, 4, fmt="npz"), batch_size=5, num_workers=2,
+                                         collate_fn=collate_segmentation)
+    (_, y, vid, sid), = list(loader)
+    assert vid.tolist() == [0, 0, 1, 1, 1] and sid.tolist() == [0, 1, 0, 1, 2]
+    assert torch.equal(y[2:], torch.from_numpy(vols[1][1]))
+
+
+def test_h5_errors(tmp_path):
+    d = tmp_path / "bad"
+    write_volume(d / "nolabel.h5", 2, label=None)
+    with pytest.raises(ValueError, match=r"has no \['label'\] \(keys: \['image'\]\)"):
+        SegmentationDataset([str(d / "nolabel.h5")], 4, fmt="npz")
+    write_volume(d / "shape.h5", 2, label=np.zeros((2, 8, 5), np.float32))
+    with pytest.raises(ValueError, match=r"'image' \(2, 8, 6\) and 'label' \(2, 8, 5\) must have the same shape"):
+        SegmentationDataset([str(d / "shape.h5")], 4, fmt="npz")
+    write_volume(d / "flat.h5", 2, image=np.zeros((8, 6), np.float32), label=np.zeros((8, 6), np.float32))
+    with pytest.raises(ValueError, match=r"must be a 3-D volume \(D x H x W\), got shape \(8, 6\)"):
+        SegmentationDataset([str(d / "flat.h5")], 4, fmt="npz")
+    write_volume(d / "ids.h5", 2)  # labels 0..3
+    ds = SegmentationDataset([str(d / "ids.h5")], 3, fmt="npz")
+    with pytest.raises(ValueError, match=r"ids.h5' slice 0: label holds class ids \[3\] outside \[0, 3\)"):
+        ds[0]
+    write_volume(d / "frac.h5", 1, label=np.full((1, 8, 6), 0.5, np.float32))
+    with pytest.raises(ValueError, match="must hold integer class ids"):
+        SegmentationDataset([str(d / "frac.h5")], 4, fmt="npz")[0]
+    np.savez(d / "a.npz", image=np.zeros((8, 6), np.float32), label=np.zeros((8, 6)))
+    with pytest.raises(ValueError, match="mix 1 .npz slices and 1 .h5 volumes"):
+        SegmentationDataset([str(d / "a.npz"), str(d / "ids.h5")], 4, fmt="npz")
+    with pytest.raises(ValueError, match="must be .npz slice or .h5 volume paths"):
+        SegmentationDataset([str(d / "x.png")], 4, fmt="npz")
+    # Split folders: both kinds in one folder, and neither.
+    root = tmp_path / "mixed"
+    (root / "train").mkdir(parents=True)
+    np.savez(root / "train" / "s.npz", image=np.zeros((8, 6), np.float32), label=np.zeros((8, 6)))
+    write_volume(root / "train" / "v.npy.h5", 2)
+    with pytest.raises(ValueError, match=r"both .npz slices \(1\) and .h5 volumes \(1\): a split is either"):
+        read_segmentation_splits(str(root), fmt="npz")
+    (root / "train" / "v.npy.h5").unlink()
+    (root / "test").mkdir()
+    with pytest.raises(ValueError, match="no .npz slices or .h5 volumes in"):
+        read_segmentation_splits(str(root), fmt="npz")
+    with pytest.raises(ValueError, match="one kind, got sample lengths"):
+        collate_segmentation([(torch.zeros(3, 4, 4), torch.zeros(4, 4)),
+                              (torch.zeros(3, 4, 4), torch.zeros(4, 4), torch.tensor(0), torch.tensor(1))])
+
+
+def test_datamodule_volume_train_split_samples_volumes(tmp_path):
+    root = tmp_path / "vols"
+    for n, depth in enumerate((2, 3, 4, 2)):
+        write_volume(root / "train" / f"case{n:04d}.npy.h5", depth, seed=n)
+    write_volume(root / "test" / "case0100.npy.h5", 3, seed=9)
+    dm = SegmentationDataModule(str(root), num_classes=4, format="npz", shots=2, seed=1, batch_size=2,
+                                image_size=16, manifest_dir=str(tmp_path / "man"), native_eval_labels=True)
+    picked = fewshot_items(sorted(str(p) for p in (root / "train").iterdir()), 2, 1)
+    assert dm.splits["train"] == picked  # shots count volumes
+    dm.setup("fit")
+    assert len(dm.train_set) == sum(SegmentationDataset([p], 4, fmt="npz").__len__() for p in picked)
+    x, y, vid, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 16, 16) and y.shape == (2, 16, 16) and vid.shape == (2,)
+    dm.setup("test")
+    _, y, vid, sid = next(iter(dm.test_dataloader()))
+    assert y.shape == (2, 8, 6) and vid.tolist() == [0, 0] and sid.tolist() == [0, 1]  # labels at the files' size
+    assert all(i.startswith("train/case") for i, _ in dm.manifest["train"])

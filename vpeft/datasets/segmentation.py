@@ -1,4 +1,5 @@
-"""Semantic-segmentation data: image + mask folders, Synapse-style ``.npz`` slices, few-shot subsets, a data module.
+"""Semantic-segmentation data: image + mask folders, Synapse ``.npz`` slices and ``.h5`` volumes, few-shot subsets,
+a data module.
 
 Folder layout (``format="folder"``)::
 
@@ -10,15 +11,27 @@ Images and masks pair by file stem (any image extension PIL reads; masks are PNG
 (mode ``L``, ``P`` palette indices, ``I`` or ``1``); ``class_map`` maps pixel values to class ids (e.g.
 ``{0: 0, 255: 1}``); without one the pixel value is the class id. Class 0 is the background.
 
-Synapse layout (``format="npz"``, the SAMed / TransUNet protocol): ``root/<split>/*.npz`` each holding ``image``
-(``H x W`` float, already clipped to [-125, 275] HU and scaled to [0, 1]) and ``label`` (``H x W`` class ids). The
-image is served as a grey RGB image on the 0..255 scale.
+Synapse layout (``format="npz"``, the SAMed / TransUNet protocol): each split folder holds either ``.npz`` slices or
+``.h5`` volumes (never both). A slice ``root/<split>/*.npz`` holds ``image`` (``H x W`` float, already clipped to
+[-125, 275] HU and scaled to [0, 1]) and ``label`` (``H x W`` class ids). A volume ``root/<split>/*.h5`` (SAMed's
+``test_vol_h5/caseXXXX.npy.h5``) holds ``image`` and ``label`` datasets of shape ``D x H x W`` (same scaling; SAMed
+stores the labels as integer-valued floats) and expands into its ``D`` slices. SAMed's folders map to
+``root/train`` (``train_npz``) and ``root/test`` (``test_vol_h5``). The image is served as a grey RGB image on the
+0..255 scale. ``.h5`` files are opened per access (h5py handles must not cross a fork into data-loader workers);
+only their shapes are read when the dataset is built.
 
 Every sample is ``(image, label)``: ``image`` a ``(3, h, w)`` float tensor, RGB on the 0..255 scale (what
-:class:`vpeft.backbones.sam.SamModel` normalises itself), ``label`` a ``(h', w')`` int64 map. ``resize="square"``
-(SAMed) resizes both to ``image_size x image_size``; ``resize="longest"`` (SAM) resizes the longer side of the image to
-``image_size`` and keeps the mask at its own resolution (the task upsamples its logits to the mask), so batches need
-images of one size then.
+:class:`vpeft.backbones.sam.SamModel` normalises itself), ``label`` a ``(h', w')`` int64 map. Slices of ``.h5``
+volumes are ``(image, label, volume_index, slice_index)``, the indices 0-d int64 tensors (``volume_index``: the
+file's position in the dataset's item list, i.e. in the split's sorted file list; ``slice_index``: the position along
+``D``), so an evaluation can reassemble the volumes (:class:`vpeft.metrics.VolumeAccumulator`).
+``resize="square"`` (SAMed) resizes both to ``image_size x image_size`` (``keep_label_size=True`` leaves the label at
+the file's resolution, where SAMed measures Dice and HD95); ``resize="longest"`` (SAM) resizes the longer side of the
+image to ``image_size`` and keeps the mask at its own resolution (the task upsamples its logits to the mask), so
+batches need images of one size then.
+
+Few-shot subsets (``shots``) draw items of the training split: images, ``.npz`` slices, or, for a training split of
+``.h5`` volumes, whole volumes (a labelled case is an annotated volume).
 """
 
 from __future__ import annotations
@@ -40,6 +53,7 @@ from .datamodule import record_manifest, seeded_train_loader, trainer_world
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+H5_EXTENSIONS = (".h5", ".hdf5")
 SPLITS = ("train", "val", "test")
 
 
@@ -109,11 +123,32 @@ def read_image(path: str) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
+def class_id_map(label: np.ndarray, name: str) -> np.ndarray:
+    """``label`` as int64 class ids; integer-valued floats (SAMed stores its labels as float32) are accepted.
+
+    Raises:
+        ValueError: non-integer values (named with the file).
+    """
+    label = np.asarray(label)
+    if np.issubdtype(label.dtype, np.floating) and label.size and not np.array_equal(label, np.round(label)):
+        raise ValueError(f"{name}: 'label' must hold integer class ids, got values such as "
+                         f"{label[label != np.round(label)][:4].tolist()}")
+    if not (np.issubdtype(label.dtype, np.number) or label.dtype == bool):
+        raise ValueError(f"{name}: 'label' must hold integer class ids, got dtype {label.dtype}")
+    return label.astype(np.int64)
+
+
+def grey_rgb(image: np.ndarray) -> torch.Tensor:
+    """A ``(H, W)`` image in [0, 1] as a ``(3, H, W)`` grey RGB tensor on the 0..255 scale."""
+    image = np.asarray(image, dtype=np.float32)
+    return torch.from_numpy(np.clip(image, 0.0, 1.0) * 255.0)[None].repeat(3, 1, 1)
+
+
 def read_npz_slice(path: str) -> tuple[torch.Tensor, np.ndarray]:
     """A Synapse-style slice: ``image`` in [0, 1] -> grey RGB on 0..255, ``label`` -> int64 map.
 
     Raises:
-        ValueError: missing ``image``/``label`` arrays, not 2-D, or of different sizes.
+        ValueError: missing ``image``/``label`` arrays, not 2-D, of different sizes, or non-integer labels.
     """
     with np.load(path) as z:
         if "image" not in z or "label" not in z:
@@ -122,16 +157,90 @@ def read_npz_slice(path: str) -> tuple[torch.Tensor, np.ndarray]:
     if image.ndim != 2 or label.shape != image.shape:
         raise ValueError(f"{path!r}: 'image' and 'label' must be 2-D of one size, got {image.shape} and "
                          f"{label.shape}")
-    img = torch.from_numpy(np.clip(image, 0.0, 1.0) * 255.0)[None].repeat(3, 1, 1)
-    return img, label.astype(np.int64)
+    return grey_rgb(image), class_id_map(label, repr(path))
+
+
+def _require_h5py(path: str):
+    try:
+        import h5py
+    except ImportError as e:  # pragma: no cover - h5py is in the points and dev extras
+        raise ImportError(f"{path!r} is an HDF5 volume and needs h5py, which is not installed: "
+                          "`pip install h5py`") from e
+    return h5py
+
+
+def _h5_shape(f, path: str) -> tuple[int, int, int]:
+    """The ``(D, H, W)`` shape of an open volume, its ``image`` and ``label`` datasets checked."""
+    import h5py
+
+    missing = [k for k in ("image", "label") if k not in f]
+    if missing:
+        raise ValueError(f"{path!r} must hold 'image' and 'label' datasets (D x H x W), has no {missing} "
+                         f"(keys: {sorted(f.keys())})")
+    image, label = f["image"], f["label"]
+    if not isinstance(image, h5py.Dataset) or not isinstance(label, h5py.Dataset):
+        raise ValueError(f"{path!r}: 'image' and 'label' must be datasets, not groups")
+    ishape, lshape = tuple(image.shape), tuple(label.shape)
+    if len(ishape) != 3:
+        raise ValueError(f"{path!r}: 'image' must be a 3-D volume (D x H x W), got shape {ishape}")
+    if lshape != ishape:
+        raise ValueError(f"{path!r}: 'image' {ishape} and 'label' {lshape} must have the same shape (D x H x W)")
+    return ishape
+
+
+def h5_volume_depth(path: str) -> int:
+    """The number of slices ``D`` of a Synapse ``.h5`` volume (only the datasets' shapes are read).
+
+    Raises:
+        ValueError: no ``image`` or ``label`` dataset (the file's keys are named), not 3-D, or shapes that differ.
+    """
+    with _require_h5py(path).File(path, "r") as f:
+        return _h5_shape(f, path)[0]
+
+
+def read_h5_slice(path: str, index: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Slice ``index`` (along ``D``) of a Synapse ``.h5`` volume: ``image`` in [0, 1] -> grey RGB on 0..255, ``label``
+    -> int64 map. Opens and closes the file on every call (h5py handles are not fork-safe; this is safe in workers).
+
+    Raises:
+        ValueError: as :func:`h5_volume_depth`, non-integer labels, or ``index`` outside ``[0, D)``.
+    """
+    with _require_h5py(path).File(path, "r") as f:
+        depth = _h5_shape(f, path)[0]
+        if not 0 <= index < depth:
+            raise ValueError(f"{path!r}: slice {index} outside [0, {depth})")
+        image, label = np.asarray(f["image"][index], dtype=np.float32), np.asarray(f["label"][index])
+    return grey_rgb(image), class_id_map(label, f"{path!r} slice {index}")
+
+
+def volume_name(path: str) -> str:
+    """``case0001`` for ``.../case0001.npy.h5`` (SAMed's names) or ``.../case0001.h5``."""
+    name = os.path.basename(path)
+    for ext in (*H5_EXTENSIONS, ".npy"):
+        if name.lower().endswith(ext):
+            name = name[: -len(ext)]
+    return name
+
+
+def _npz_kind(item: Any) -> str:
+    """``"npz"`` or ``"h5"`` for an item of the Synapse layout."""
+    if isinstance(item, (str, os.PathLike)):
+        name = os.fspath(item).lower()
+        if name.endswith(".npz"):
+            return "npz"
+        if name.endswith(H5_EXTENSIONS):
+            return "h5"
+    raise ValueError(f"format='npz' items must be .npz slice or .h5 volume paths, got {item!r}")
 
 
 # -- the dataset -------------------------------------------------------------------------------------------------------
 class SegmentationDataset(Dataset):
-    """Samples ``(image (3, h, w) float 0..255, label (h', w') int64)`` from a list of files.
+    """Samples ``(image (3, h, w) float 0..255, label (h', w') int64)`` from a list of files; slices of ``.h5`` volumes
+    are ``(image, label, volume_index, slice_index)`` (see the module doc).
 
     Args:
-        items: ``(image path, mask path)`` pairs (``format="folder"``) or ``.npz`` paths (``format="npz"``).
+        items: ``(image path, mask path)`` pairs (``format="folder"``), or ``.npz`` slice paths or ``.h5`` volume
+            paths (``format="npz"``; one kind per dataset).
         num_classes: ``K``; class ids must lie in ``[0, K)``.
         class_map: Pixel value -> class id (folder masks).
         image_size: Target size (see ``resize``); ``None`` keeps the files' size.
@@ -141,40 +250,72 @@ class SegmentationDataset(Dataset):
             rotation and flip, on the right-angle grid). Draws from torch's global RNG, which
             ``SeededAugmentDataset`` seeds per sample.
         fmt: ``"folder"`` or ``"npz"``.
+        keep_label_size: With ``resize="square"``, leave the label at the file's resolution (evaluation at the
+            original resolution, as SAMed's test; the task resizes its logits to the label).
+
+    Raises:
+        ValueError: an unknown ``resize`` / ``fmt``, ``.npz`` and ``.h5`` items mixed, other items for ``"npz"``, or
+            a malformed ``.h5`` volume (:func:`h5_volume_depth`; only shapes are read here).
     """
 
     def __init__(self, items: list, num_classes: int, class_map: Optional[Mapping[int, int]] = None,
                  image_size: Optional[int] = None, resize: str = "square", augment: bool = False,
-                 fmt: str = "folder") -> None:
+                 fmt: str = "folder", keep_label_size: bool = False) -> None:
         if resize not in ("square", "longest"):
             raise ValueError(f"resize must be 'square' or 'longest', got {resize!r}")
-        self.items, self.num_classes, self.class_map = list(items), int(num_classes), class_map
+        if fmt not in ("folder", "npz"):
+            raise ValueError(f"fmt must be 'folder' or 'npz', got {fmt!r}")
+        items = list(items)
+        volumes: list[str] = []
+        index: Optional[list[tuple[int, int]]] = None
+        if fmt == "npz" and items:
+            kinds = [_npz_kind(it) for it in items]
+            if len(set(kinds)) > 1:
+                raise ValueError(f"format='npz' items mix {kinds.count('npz')} .npz slices and {kinds.count('h5')} "
+                                 ".h5 volumes: a dataset serves either slices or volumes")
+            if kinds[0] == "h5":
+                volumes = [os.fspath(it) for it in items]
+                index = [(v, z) for v, path in enumerate(volumes) for z in range(h5_volume_depth(path))]
+        self.items, self.num_classes, self.class_map = items, int(num_classes), class_map
         self.image_size, self.resize, self.augment, self.fmt = image_size, resize, augment, fmt
+        self.keep_label_size = bool(keep_label_size)
+        #: The ``.h5`` volume paths (``volume_index`` indexes this list); empty for slices and images.
+        self.volumes = volumes
+        self._index = index
+
+    @property
+    def volume_names(self) -> list[str]:
+        """The volumes' case names (``case0001`` for ``case0001.npy.h5``), by ``volume_index``."""
+        return [volume_name(p) for p in self.volumes]
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self._index) if self._index is not None else len(self.items)
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The sample at its file resolution (no resizing or augmentation), sizes and class ids checked."""
-        item = self.items[index]
-        if self.fmt == "npz":
+        if self._index is not None:
+            v, z = self._index[index]
+            image, label = read_h5_slice(self.volumes[v], z)
+            name = f"{self.volumes[v]!r} slice {z}"
+        elif self.fmt == "npz":
+            item = self.items[index]
             image, label = read_npz_slice(item)
-            name = item
-            if label.size and (label.max() >= self.num_classes or label.min() < 0):
-                raise ValueError(f"{item!r}: label holds class ids {np.unique(label)[-4:].tolist()} outside "
-                                 f"[0, {self.num_classes})")
+            name = repr(item)
         else:
-            image_path, mask_path = item
+            image_path, mask_path = self.items[index]
             image, label = read_image(image_path), read_mask(mask_path, self.class_map, self.num_classes)
             name = f"{image_path!r} / {mask_path!r}"
             if self.class_map is not None and label.size and label.max() >= self.num_classes:
                 raise ValueError(f"class_map maps {mask_path!r} to class ids >= num_classes={self.num_classes}")
+        if self.fmt == "npz" and label.size and (label.max() >= self.num_classes or label.min() < 0):
+            bad = np.unique(label[(label >= self.num_classes) | (label < 0)])
+            raise ValueError(f"{name}: label holds class ids {bad[:8].tolist()} outside [0, {self.num_classes})")
         if tuple(image.shape[-2:]) != tuple(label.shape):
             raise ValueError(f"image and mask sizes differ for {name}: image {tuple(image.shape[-2:])}, mask "
                              f"{tuple(label.shape)} (height, width)")
         return image, torch.from_numpy(label)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
         image, label = self.load(index)
         if self.augment:
             if torch.rand(()) < 0.5:
@@ -193,26 +334,42 @@ class SegmentationDataset(Dataset):
                 size = (int(h * scale + 0.5), int(w * scale + 0.5))  # SAM's ResizeLongestSide rounding
             if tuple(image.shape[-2:]) != size:
                 image = F.interpolate(image[None], size, mode="bilinear", align_corners=False, antialias=True)[0]
-                if self.resize == "square":
+                if self.resize == "square" and not self.keep_label_size:
                     label = F.interpolate(label[None, None].float(), size, mode="nearest-exact")[0, 0].long()
-        return image.contiguous().clamp_(0, 255), label.contiguous()
+        image, label = image.contiguous().clamp_(0, 255), label.contiguous()
+        if self._index is None:
+            return image, label
+        v, z = self._index[index]
+        return image, label, torch.tensor(v, dtype=torch.int64), torch.tensor(z, dtype=torch.int64)
 
 
-def collate_segmentation(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack ``(image, label)`` samples; differing sizes raise a ``ValueError`` naming the fix."""
-    sizes = {(tuple(i.shape), tuple(lab.shape)) for i, lab in batch}
+def collate_segmentation(batch: list) -> tuple[torch.Tensor, ...]:
+    """Stack ``(image, label)`` samples, or ``(image, label, volume_index, slice_index)`` samples of volumes (the
+    indices become ``(B,)`` int64 tensors).
+
+    Raises:
+        ValueError: images/masks of different sizes (naming the fix), or samples of different lengths.
+    """
+    lengths = {len(b) for b in batch}
+    if len(lengths) > 1 or not lengths <= {2, 4}:
+        raise ValueError(f"a batch must hold (image, label) or (image, label, volume_index, slice_index) samples of "
+                         f"one kind, got sample lengths {sorted(lengths)} (a dataset mixing slices and volumes?)")
+    sizes = {(tuple(b[0].shape), tuple(b[1].shape)) for b in batch}
     if len(sizes) > 1:
         raise ValueError(f"a batch holds images/masks of different sizes {sorted(sizes)[:4]}: use resize='square', "
                          "resize the files to one size, or batch_size=1")
-    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    return tuple(torch.stack([torch.as_tensor(b[i]) for b in batch]) for i in range(len(batch[0])))
 
 
 def read_segmentation_splits(root: str, fmt: str = "folder", images_dir: str = "images",
                              masks_dir: str = "masks") -> dict[str, list]:
     """The files of each split present under ``root`` (``train`` is required).
 
+    With ``fmt="npz"`` a split folder holds ``.npz`` slices or ``.h5`` volumes (sorted paths of one kind).
+
     Raises:
-        ValueError: no ``root/train`` folder, or an empty one.
+        ValueError: no ``root/train`` folder, an empty split folder, or (``npz``) one holding both ``.npz`` and
+            ``.h5`` files.
     """
     if fmt not in ("folder", "npz"):
         raise ValueError(f"format must be 'folder' or 'npz', got {fmt!r}")
@@ -227,16 +384,25 @@ def read_segmentation_splits(root: str, fmt: str = "folder", images_dir: str = "
             continue
         if fmt == "folder":
             out[split] = list_pairs(folder, images_dir, masks_dir)
-        else:
-            files = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".npz"))
-            if not files:
-                raise ValueError(f"no .npz slices in {folder!r}")
-            out[split] = files
+            continue
+        names = sorted(os.listdir(folder))
+        slices = [os.path.join(folder, f) for f in names if f.lower().endswith(".npz")]
+        volumes = [os.path.join(folder, f) for f in names if f.lower().endswith(H5_EXTENSIONS)]
+        if slices and volumes:
+            raise ValueError(f"{folder!r} holds both .npz slices ({len(slices)}) and .h5 volumes ({len(volumes)}): "
+                             "a split is either slices or volumes (SAMed: train/ holds train_npz's slices, test/ "
+                             "test_vol_h5's volumes); move one kind to another split folder")
+        if not slices and not volumes:
+            raise ValueError(f"no .npz slices or .h5 volumes in {folder!r}")
+        out[split] = slices or volumes
     return out
 
 
 def fewshot_items(items: list, shots: int, seed: int) -> list:
     """``shots`` labelled training items drawn with ``random.Random(seed)`` (sorted order kept); ``<= 0``: all.
+
+    Items are what the split lists: image/mask pairs, ``.npz`` slices, or ``.h5`` volumes, so ``shots`` counts whole
+    annotated volumes for a training split of volumes.
 
     Raises:
         ValueError: fewer items than ``shots``.
@@ -244,7 +410,8 @@ def fewshot_items(items: list, shots: int, seed: int) -> list:
     if shots <= 0:
         return list(items)
     if shots > len(items):
-        raise ValueError(f"shots={shots} labelled images requested, but the training split has {len(items)}")
+        raise ValueError(f"shots={shots} labelled items (images, slices or volumes) requested, but the training split "
+                         f"has {len(items)}")
     picked = sorted(random.Random(seed).sample(range(len(items)), shots))
     return [items[i] for i in picked]
 
@@ -269,7 +436,8 @@ except ImportError:  # pragma: no cover - Lightning is optional for the readers
 
 
 class SegmentationDataModule(LightningDataModule):
-    """Image + mask folders (or Synapse ``.npz`` slices), ``shots`` labelled training images, SAM-sized inputs.
+    """Image + mask folders (or Synapse ``.npz`` slices / ``.h5`` volumes), ``shots`` labelled training items,
+    SAM-sized inputs.
 
     The training subset is drawn with ``seed`` and described by a manifest (:attr:`manifest_hash`) written during
     ``setup`` like :class:`~vpeft.datasets.datamodule.FewShotDataModule`'s (an existing manifest with another hash is
@@ -280,8 +448,9 @@ class SegmentationDataModule(LightningDataModule):
         num_classes: ``K`` including the background; default ``max(class_map values) + 1`` (required without
             ``class_map``).
         class_map: Pixel value -> class id for folder masks (e.g. ``{0: 0, 255: 1}``).
-        format: ``"folder"`` or ``"npz"``.
-        shots: Labelled training images (``<= 0``: all).
+        format: ``"folder"`` or ``"npz"`` (``.npz`` slices or ``.h5`` volumes per split folder).
+        shots: Labelled training items (``<= 0``: all): images, slices, or volumes for a training split of ``.h5``
+            volumes.
         seed: Few-shot sampling, shuffle and augmentation seed.
         batch_size: Training batch size.
         eval_batch_size: Validation/test batch size (default ``batch_size``).
@@ -294,6 +463,9 @@ class SegmentationDataModule(LightningDataModule):
         manifest_dir: Manifest folder; default ``<trainer.default_root_dir>/manifests``.
         images_dir: Image sub-folder name.
         masks_dir: Mask sub-folder name.
+        native_eval_labels: Validation and test labels at the files' resolution even with ``resize="square"`` (SAMed
+            scores its predictions at the original 512 x 512; HD95 in voxels needs it). Batches then need files of
+            one size (true of Synapse).
     """
 
     def __init__(
@@ -315,6 +487,7 @@ class SegmentationDataModule(LightningDataModule):
             manifest_dir: Optional[str] = None,
             images_dir: str = "images",
             masks_dir: str = "masks",
+            native_eval_labels: bool = False,
     ) -> None:
         super().__init__()
         if format not in ("folder", "npz"):
@@ -343,6 +516,7 @@ class SegmentationDataModule(LightningDataModule):
         self.backbone, self.backbone_kwargs = backbone, dict(backbone_kwargs or {})
         self._image_size, self.resize, self.augment = image_size, resize, augment
         self.manifest_dir, self.images_dir, self.masks_dir = manifest_dir, images_dir, masks_dir
+        self.native_eval_labels = bool(native_eval_labels)
         self._splits: Optional[dict[str, list]] = None
         self._manifest: Optional[dict] = None
         self.manifest_path: Optional[str] = None
@@ -384,7 +558,8 @@ class SegmentationDataModule(LightningDataModule):
 
     def _dataset(self, split: str, augment: bool) -> SegmentationDataset:
         return SegmentationDataset(self.splits[split], self.num_classes, self.class_map, self.image_size,
-                                   self.resize, augment, self.format)
+                                   self.resize, augment, self.format,
+                                   keep_label_size=self.native_eval_labels and split != "train")
 
     def setup(self, stage: str) -> None:
         """Build the stage's datasets; on global rank 0 write (or check) the manifest."""
