@@ -136,13 +136,55 @@ def test_metrics_against_hand_dice_and_iou():
     assert task.metrics["val_"]["miou"].compute().item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
         task._check_labels(torch.tensor([[0, 3]]))
-    # Optional (maximum) Hausdorff distance: a class-1 blob shifted by 3 pixels is 3 pixels away at its far edge.
+    # Optional HD95 (per image and class): equal to vpeft.metrics.hd95 on each image's class masks; an image where
+    # class 1 is absent from the prediction does not enter the mean.
+    from vpeft.metrics import hd95
+
     hd_task = SamSegmenter("sam:vit_b", num_classes=2, hausdorff=True)
-    label = torch.zeros(1, 16, 16, dtype=torch.long)
-    label[0, 4:8, 4:8] = 1
+    label = torch.zeros(3, 16, 16, dtype=torch.long)
+    label[:, 4:8, 4:8] = 1
+    label[1, 10:12, 2:5] = 1
     pred = torch.roll(label, 3, dims=2)
-    hd_task.metrics["test_"]["hd"].update(pred, label)
-    assert hd_task.metrics["test_"]["hd"].compute().item() == pytest.approx(3.0)
+    pred[2] = 0
+    hd_task.metrics["test_"]["hd95"].update(pred, label)
+    want = [hd95((pred[i] == 1).numpy(), (label[i] == 1).numpy()) for i in range(2)]
+    assert want[0] == pytest.approx(3.0)
+    assert hd_task.metrics["test_"]["hd95"].compute().item() == pytest.approx(sum(want) / 2)
+
+
+def test_volume_batches_are_scored_per_volume_like_samed():
+    """Test batches with volume and slice ids (two 3-slice volumes, slices shuffled across batches) give per-volume
+    3-D Dice / HD95 equal to vpeft.metrics.case_scores on the reassembled volumes, averaged over volumes."""
+    import numpy as np
+
+    from vpeft.metrics import case_scores
+
+    task = tiny_task(3, methods=[], volume_convention="transunet").eval()
+    logged = {}
+    task.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 64, 64, generator=g) * 255
+    labels = torch.zeros(6, 64, 64, dtype=torch.long)
+    labels[:, 10:30, 10:30] = 1
+    labels[3:, 40:60, 30:50] = 2  # class 2 only in volume 1
+    vol = torch.tensor([0, 0, 0, 1, 1, 1])
+    sl = torch.tensor([0, 1, 2, 0, 1, 2])
+    order = torch.tensor([4, 0, 2, 5, 1, 3])
+    with torch.no_grad():
+        preds = task.predict_labels(task(images))
+        for chunk in order.split(2):
+            task.test_step((images[chunk], labels[chunk], vol[chunk], sl[chunk]), 0)
+    task.on_test_epoch_end()
+    scores = [case_scores(preds[v * 3:(v + 1) * 3].numpy(), labels[v * 3:(v + 1) * 3].numpy(), 3,
+                          convention="transunet") for v in (0, 1)]
+    dice = np.mean([s[0] for s in scores], axis=0)
+    hd = np.mean([s[1] for s in scores], axis=0)
+    assert logged["test/vol_dice"] == pytest.approx(float(dice.mean()))
+    assert logged["test/vol_hd95"] == pytest.approx(float(hd.mean()))
+    assert logged["test/vol_dice_2"] == pytest.approx(float(dice[1]))
+    assert len(task.volumes["test"]) == 0  # reset for the next epoch
+    with pytest.raises(ValueError, match="volume_convention"):
+        SamSegmenter("sam:vit_b", num_classes=3, volume_convention="medpy")
 
 
 def test_checkpoint_holds_adapters_decoder_and_no_metric_state():
@@ -267,3 +309,52 @@ def test_vit_b_preset_parses_with_its_own_defaults(tmp_path):
     assert task.trainable_extra == ["mask_decoder", "prompt_encoder"] and dm.shots == 0
     assert [(c.method, c.r, list(c.targets)) for c in task.methods] == [("lora", 4, ["q", "v"])]
     assert (task.dice_weight, task.ce_weight) == (0.8, 0.2)
+
+
+def synthetic_synapse(root: Path, n_train: int = 8, volumes: tuple = (3, 2), size: int = 32, seed: int = 0) -> None:
+    """SAMed's Synapse layout: ``train/*.npz`` slices and ``test/*.npy.h5`` volumes (image in [0, 1], labels 0..2:
+    a bright square is class 1, a dark one class 2)."""
+    h5py = pytest.importorskip("h5py")
+    rng = np.random.default_rng(seed)
+
+    def slice_pair():
+        img = rng.normal(0.4, 0.05, (size, size)).clip(0, 1)
+        lab = np.zeros((size, size), np.float32)
+        for cls, val in ((1, 0.9), (2, 0.05)):
+            y, x = rng.integers(2, size - 12, 2)
+            img[y:y + 10, x:x + 10], lab[y:y + 10, x:x + 10] = val, cls
+        return img.astype(np.float32), lab
+
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    for i in range(n_train):
+        img, lab = slice_pair()
+        np.savez(root / "train" / f"case0005_slice{i:03d}.npz", image=img, label=lab)
+    for v, depth in enumerate(volumes):
+        pairs = [slice_pair() for _ in range(depth)]
+        with h5py.File(root / "test" / f"case{v:04d}.npy.h5", "w") as f:
+            f["image"] = np.stack([p[0] for p in pairs])
+            f["label"] = np.stack([p[1] for p in pairs])
+
+
+def test_cli_synapse_protocol_reports_per_volume_scores(tmp_path):
+    """fit on .npz slices, then `vpeft test` on .h5 volumes through the CLI: the card holds SAMed's per-volume 3-D
+    Dice / HD95 (and the per-slice metrics), computed at the slices' own resolution."""
+    from vpeft.modules.lightning_cli import run
+
+    root = tmp_path / "synapse"
+    synthetic_synapse(root)
+    common = ["-c", str(REPO / "configs/trainer/cpu.yaml"),
+              "-c", str(REPO / "configs/experiment/sam_samed_tiny_cpu.yaml"),
+              "--data.init_args.root", str(root), "--data.init_args.format", "npz",
+              "--data.init_args.num_classes", "3", "--data.init_args.native_eval_labels", "true",
+              "--model.init_args.hausdorff", "true",
+              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+    run(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_epochs=1"])
+    last = next((tmp_path / "fit").rglob("last.ckpt"))
+    run(["test", *common, "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path", str(last)])
+    metrics = _card(tmp_path / "test", "test")["metrics"]
+    for key in ("test/vol_dice", "test/vol_hd95", "test/vol_dice_1", "test/vol_dice_2", "test/vol_hd95_2",
+                "test/dice", "test/hd95"):
+        assert key in metrics, sorted(metrics)
+    assert 0.0 <= metrics["test/vol_dice"] <= 1.0 and metrics["test/vol_hd95"] >= 0.0

@@ -39,6 +39,10 @@ The class tokens stay SAMed's, the head trains with a binary cross-entropy again
 ``auto_prompt.loss_weight``) and is saved with the adapter as a task module (``prompt_head``). Details and deviations:
 :mod:`vpeft.modules._sam_prompting`; preset ``configs/experiment/sam_mapsam_vit_b.yaml`` (DoRA r=4 on q, v).
 
+SAMed's decoder variant (LoRA also on ``q``/``v`` of the mask decoder's seven attention modules, the decoder's
+transformer frozen, the rest of the decoder trained): :func:`samed_decoder_lora` with
+``trainable_extra=SAMED_DECODER_LORA_EXTRA``; preset ``configs/experiment/sam_samed_decoder_lora_vit_b.yaml``.
+
 Binary tasks (``num_classes=2``) use the same ``K``-token softmax by default (SAMed's formulation);
 ``binary_mode="sigmoid"`` instead keeps the official decoder unchanged (no new tensors) and reads its single-mask
 token as a foreground logit (loss: ``Dice + BCE`` on the sigmoid).
@@ -51,8 +55,10 @@ Deviations from the reference implementation (hitachinsk/SAMed):
     * The preset's schedule is SAMed's linear warm-up (250 iterations) followed by a constant rate; SAMed then decays
       it polynomially (power 0.9) to the last iteration.
     * ``loss_resolution="label"`` (not the default) computes the loss on logits upsampled to the label size.
-    * Metrics come from torchmetrics: per-class Dice and mean IoU over the foreground classes, optional
-      (maximum, not 95%) Hausdorff distance: torchmetrics has no HD95.
+    * Per-class Dice and mean IoU come from torchmetrics (over the foreground classes, pooled over the epoch's
+      pixels); HD95 from :mod:`vpeft.metrics` (medpy's definition, as SAMed's evaluation; torchmetrics has only the
+      maximum Hausdorff distance, in 2-D). SAMed's per-volume Synapse numbers are the ``{stage}/vol_*`` metrics of
+      batches that carry volume and slice ids (``.h5`` test volumes).
 """
 
 from __future__ import annotations
@@ -86,6 +92,20 @@ SAMED_CE_WEIGHT = 0.2
 def samed_lora() -> vpeft.PeftConfig:
     """SAMed's encoder adapter: LoRA rank 4 on ``q`` and ``v``, update unscaled (``alpha = r``)."""
     return vpeft.LoraConfig(r=4, targets=["q", "v"])
+
+
+def samed_decoder_lora() -> vpeft.PeftConfig:
+    """SAMed's "LoRA on the mask decoder" variant (``sam_lora_image_encoder_mask_decoder.py``): rank 4 on ``q`` and
+    ``v`` of every encoder block and of every attention of the decoder's two-way transformer (train with
+    :data:`SAMED_DECODER_LORA_EXTRA`: the transformer's own weights stay frozen). Decoder LoRA: 23,552 parameters."""
+    return vpeft.LoraConfig(r=4, targets=["q", "v", "mask_decoder.q", "mask_decoder.v"])
+
+
+#: What trains in full beside :func:`samed_decoder_lora`: the prompt encoder and every mask-decoder part but its
+#: transformer.
+SAMED_DECODER_LORA_EXTRA = ("prompt_encoder", "mask_decoder.iou_token", "mask_decoder.mask_tokens",
+                            "mask_decoder.output_upscaling", "mask_decoder.output_hypernetworks_mlps",
+                            "mask_decoder.iou_prediction_head")
 
 
 # -- losses ------------------------------------------------------------------------------------------------------------
@@ -183,7 +203,14 @@ class SamSegmenter(PeftTask):
     ``h x w`` image area and resized to the label size (SAM's ``postprocess_masks``).
 
     Logs ``{stage}/loss``, ``{stage}/dice`` (mean over foreground classes), ``{stage}/miou`` (foreground),
-    ``{stage}/dice_<c>`` per class in validation and test, and ``{stage}/hd`` with ``hausdorff=True``.
+    ``{stage}/dice_<c>`` per class in validation and test, and ``{stage}/hd95`` (per image and class, averaged over the
+    cases where both masks are non-empty; in pixels of the label maps) with ``hausdorff=True``.
+
+    Volumes (the Synapse / SAMed protocol): validation and test batches ``(images, labels, volume_ids, slice_ids)``
+    (what :class:`~vpeft.datasets.segmentation.SegmentationDataModule` yields for ``.h5`` volumes) are also
+    reassembled into whole volumes and scored in 3-D at the epoch's end (:class:`vpeft.metrics.VolumeAccumulator`):
+    ``{stage}/vol_dice``, ``{stage}/vol_hd95`` (means over volumes and foreground classes) and ``{stage}/vol_dice_<c>``,
+    ``{stage}/vol_hd95_<c>``, with ``volume_convention`` deciding empty cases. Volume scoring runs in one process.
 
     Args:
         backbone: A SAM id (``"sam:vit_b"``).
@@ -204,7 +231,10 @@ class SamSegmenter(PeftTask):
             single-mask token as a foreground logit, decoder unchanged).
         loss_resolution: ``"low_res"`` (SAMed: logits at ``img_size / 4``, labels resized by nearest neighbour) or
             ``"label"`` (logits upsampled to the label size).
-        hausdorff: Also log torchmetrics' (maximum) symmetric Hausdorff distance in validation and test.
+        hausdorff: Also log the 95th-percentile Hausdorff distance (``{stage}/hd95``) in validation and test.
+        volume_convention: Scores of a class missing from a volume's prediction or label: ``"transunet"`` (SAMed's
+            and TransUNet's published numbers: a predicted but absent class scores Dice 1 and HD95 0, a missed one 0
+            and 0) or ``"nan"`` (undefined cases are left out of the means); see :func:`vpeft.metrics.case_scores`.
         auto_prompt: ``None`` (SAMed: no prompt at all) or an :class:`AutoPromptConfig` for MapSAM's automatic
             point prompts, positional-semantic prompt and masked attention.
     """
@@ -228,6 +258,7 @@ class SamSegmenter(PeftTask):
             binary_mode: str = "softmax",
             loss_resolution: str = "low_res",
             hausdorff: bool = False,
+            volume_convention: str = "transunet",
             auto_prompt: Optional[AutoPromptConfig] = None,
     ) -> None:
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
@@ -247,6 +278,10 @@ class SamSegmenter(PeftTask):
             raise ValueError(f"binary_mode='sigmoid' needs num_classes=2, got {num_classes}")
         if loss_resolution not in ("low_res", "label"):
             raise ValueError(f"loss_resolution must be 'low_res' or 'label', got {loss_resolution!r}")
+        from ..metrics.segmentation import CONVENTIONS
+
+        if volume_convention not in CONVENTIONS:
+            raise ValueError(f"volume_convention must be one of {CONVENTIONS}, got {volume_convention!r}")
         if isinstance(auto_prompt, dict):  # from a checkpoint's hyper-parameters
             auto_prompt = AutoPromptConfig(**auto_prompt)
         if auto_prompt is not None:
@@ -262,6 +297,7 @@ class SamSegmenter(PeftTask):
         self.sigmoid = binary_mode == "sigmoid"
         self.loss_resolution = loss_resolution
         self.hausdorff = hausdorff
+        self.volume_convention = volume_convention
         self.auto_prompt = auto_prompt
         if auto_prompt is not None:  # plain data in the hyper-parameters (checkpoints load with weights_only)
             self.hparams["auto_prompt"] = dict(vars(auto_prompt), hidden=list(auto_prompt.hidden))
@@ -270,16 +306,22 @@ class SamSegmenter(PeftTask):
         #: Decoder tensors freshly initialised for the class tokens (see the module doc), set by build_backbone.
         self.new_decoder_tensors: list[str] = []
         self.metrics = nn.ModuleDict({f"{s}_": self._make_metrics() for s in ("train", "val", "test")})
+        from ..metrics import VolumeAccumulator
+
+        #: Whole-volume scoring of validation / test batches that carry volume and slice ids.
+        self.volumes = {s: VolumeAccumulator(num_classes, convention=volume_convention) for s in ("val", "test")}
 
     def _make_metrics(self) -> nn.ModuleDict:
-        from torchmetrics.segmentation import DiceScore, HausdorffDistance, MeanIoU
+        from torchmetrics.segmentation import DiceScore, MeanIoU
+
+        from ..metrics import HausdorffDistance95
 
         k = self.num_classes
         m = {"dice": DiceScore(k, include_background=False, average="none", aggregation_level="global",
                                input_format="index"),
              "miou": MeanIoU(k, include_background=False, per_class=False, input_format="index")}
         if self.hausdorff:
-            m["hd"] = HausdorffDistance(k, include_background=False, input_format="index")
+            m["hd95"] = HausdorffDistance95(k, include_background=False, average="none")
         return nn.ModuleDict(m)
 
     # -- template hooks --------------------------------------------------------------------------------------------
@@ -377,7 +419,7 @@ class SamSegmenter(PeftTask):
         return low, target
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        images, labels = batch
+        images, labels, *ids = batch
         self._check_labels(labels)
         hw = tuple(images.shape[-2:])
         low, coarse = self._decode(images)
@@ -398,6 +440,12 @@ class SamSegmenter(PeftTask):
         metrics = self.metrics[f"{stage}_"]
         for m in metrics.values():
             m.update(preds, labels.long())
+        if ids and stage in self.volumes:
+            if self._trainer is not None and self.trainer.world_size > 1:
+                raise RuntimeError("volume scoring (batches with volume and slice ids) needs a single process: a "
+                                   "distributed sampler splits each volume's slices across ranks; run validate/test "
+                                   "with devices=1")
+            self.volumes[stage].update(preds, labels, ids[0], ids[1])
         return loss
 
     def prompt_loss(self, coarse: torch.Tensor, labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -424,10 +472,17 @@ class SamSegmenter(PeftTask):
             for c, v in enumerate(per_class.tolist(), start=1):
                 self.log(f"{stage}/dice_{c}", v, sync_dist=True)
         self.log(f"{stage}/miou", metrics["miou"].compute(), sync_dist=True)
-        if "hd" in metrics:
-            self.log(f"{stage}/hd", metrics["hd"].compute(), sync_dist=True)
+        if "hd95" in metrics:
+            per = metrics["hd95"].compute().reshape(-1)
+            ok = per[~torch.isnan(per)]
+            self.log(f"{stage}/hd95", ok.mean() if ok.numel() else torch.tensor(float("nan")), sync_dist=True)
         for m in metrics.values():
             m.reset()
+        acc = self.volumes.get(stage)
+        if acc is not None and len(acc):
+            for k, v in acc.compute().summary().items():
+                self.log(f"{stage}/vol_{k}", v)
+            acc.reset()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:  # noqa: D102
         return self._step(batch, "train")
