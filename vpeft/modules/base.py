@@ -404,6 +404,13 @@ class PeftTask(LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
+        from .schedulers import WarmupPolyLR
+
+        if isinstance(scheduler, WarmupPolyLR) and scheduler.total_iters is None:
+            if self._trainer is None:
+                raise ValueError("WarmupPolyLR(total_iters=None) takes the run's length from the trainer; pass "
+                                 "total_iters when building the optimizer outside Trainer.fit")
+            scheduler.total_iters = int(self.trainer.estimated_stepping_batches)
         cfg = {"scheduler": scheduler, "interval": self.lr_scheduler_interval}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             cfg["monitor"] = scheduler.monitor if isinstance(scheduler, ReduceLROnPlateau) else "val/loss"

@@ -14,7 +14,8 @@ Paper / official-code defaults (used by :class:`SamSegmenter` and ``configs/expe
     * Loss ``0.8 * Dice + 0.2 * CE`` on the low-resolution logits (``img_size / 4``) against the label map resized
       (nearest) to that size; the Dice term is TransUNet's soft Dice ``1 - (2 sum(p t) + s) / (sum(p^2) + sum(t^2)
       + s)`` with ``s = 1e-5``, averaged over all ``K`` classes (background included), sums over the whole batch.
-    * AdamW (lr 5e-3 with linear warm-up, weight decay 0.1), batch 12, 512x512 inputs (Synapse).
+    * AdamW (lr 5e-3, weight decay 0.1) with a 250-step linear warm-up then polynomial decay (power 0.9) over the run
+      (:class:`vpeft.modules.schedulers.WarmupPolyLR`), batch 12, 512x512 inputs (Synapse).
 
 Trainable parameters (SAM ViT-B, ``K`` classes including the background, width ``d = 768``, 12 blocks):
     * LoRA: ``2 targets * depth * r * (d + d) = 2 * 12 * 4 * 1536 = 147,456``.
@@ -52,8 +53,7 @@ Deviations from the reference implementation (hitachinsk/SAMed):
       only at ``img_size=1024``); SAMed interpolates them to 512.
     * The decoder's IoU-head hidden layers are kept from the checkpoint (SAMed re-initialises them; they only feed the
       IoU prediction, which no loss reads here).
-    * The preset's schedule is SAMed's linear warm-up (250 iterations) followed by a constant rate; SAMed then decays
-      it polynomially (power 0.9) to the last iteration.
+    * The schedule applies each step's rate one step earlier than SAMed's loop (which sets it after the step).
     * ``loss_resolution="label"`` (not the default) computes the loss on logits upsampled to the label size.
     * Per-class Dice and mean IoU come from torchmetrics (over the foreground classes, pooled over the epoch's
       pixels); HD95 from :mod:`vpeft.metrics` (medpy's definition, as SAMed's evaluation; torchmetrics has only the
