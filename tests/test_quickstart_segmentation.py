@@ -14,7 +14,7 @@ from vpeft import quickstart_segmentation as qs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED = ("self-pretrained, no fine-tuning", "untrained SAM, full", "decoder only", "LoRA r=4 q,v + decoder (SAMed)",
-            "SSF + decoder", "AdaptFormer + decoder")
+            "SSF + decoder", "AdaptFormer + decoder", "DoRA r=4 q,v + auto prompts + decoder (MapSAM)")
 
 
 def _table_cells(printed: str, names) -> dict[str, list[str]]:
@@ -64,6 +64,11 @@ def test_fast_run_outputs_methods_and_table_match_json(fast_run):
     # LoRA r=4 on q and v of every block: 2 targets * depth * r * (d_in + d_out), independent formula
     d, depth = res["backbone"]["arch"]["embed_dim"], res["backbone"]["arch"]["depth"]
     assert rows["LoRA r=4 q,v + decoder (SAMed)"]["trainable_params"] - dec == 2 * depth * 4 * (d + d)
+    # MapSAM: DoRA r=4 on q and v (LoRA's count plus one magnitude per output row) + the prompt generator
+    # (1x1 convs 256->64->16->1 with two channel LayerNorms)
+    head = (256 * 64 + 64) + 2 * 64 + (64 * 16 + 16) + 2 * 16 + (16 + 1)
+    mapsam = rows["DoRA r=4 q,v + auto prompts + decoder (MapSAM)"]["trainable_params"]
+    assert mapsam - dec == 2 * depth * (4 * (d + d) + d) + head
     # the printed table carries exactly the JSON's numbers
     cells = _table_cells(printed, EXPECTED)
     assert set(cells) == set(EXPECTED)

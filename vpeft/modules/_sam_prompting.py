@@ -166,6 +166,33 @@ def attention_bias(fg: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return bias[:, None, None, :]
 
 
+def auto_prompt_decode(sam: nn.Module, head: nn.Module, cfg: AutoPromptConfig, images: torch.Tensor,
+                       embeddings: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MapSAM's forward on a vpeft ``SamModel``: coarse mask -> point prompts, target embedding, attention mask ->
+    decoder.
+
+    Args:
+        sam: The (adapted) ``SamModel``.
+        head: The :class:`PromptGenerator`.
+        cfg: The :class:`AutoPromptConfig`.
+        images: ``(B, 3, H, W)`` RGB on the 0..255 scale, ``H, W <= img_size``.
+        embeddings: The images' embeddings when already computed.
+
+    Returns:
+        ``(masks (B, T, 4h, 4w), coarse (B, 1, h, w))``: every mask token's low-resolution logits and the coarse
+        logits.
+    """
+    emb = sam.image_embeddings(images) if embeddings is None else embeddings
+    coarse = head(emb)
+    points = select_points(coarse, cfg.points, sam.img_size, tuple(images.shape[-2:]))
+    sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
+    fg = foreground_mask(coarse, cfg.threshold)
+    target = target_embedding(emb, fg, coarse) if cfg.semantic else None
+    bias = attention_bias(fg, emb.dtype) if cfg.masked_attention else None
+    masks, _ = decode(sam.mask_decoder, emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, target, bias)
+    return masks, coarse
+
+
 # -- the decoder, batched over images, with target embedding and attention mask ----------------------------------------
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             bias: Optional[torch.Tensor] = None) -> torch.Tensor:

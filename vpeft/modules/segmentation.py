@@ -73,15 +73,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 import vpeft
 
-from ._sam_prompting import (
-    AutoPromptConfig,
-    PromptGenerator,
-    attention_bias,
-    decode,
-    foreground_mask,
-    select_points,
-    target_embedding,
-)
+from ._sam_prompting import AutoPromptConfig, PromptGenerator, auto_prompt_decode
 from .base import PeftTask
 
 #: SAMed's loss weights (``loss = (1 - dice_weight) * CE + dice_weight * Dice`` with ``dice_weight = 0.8``).
@@ -371,14 +363,7 @@ class SamSegmenter(PeftTask):
         if self.auto_prompt is None:
             masks = self._prompt_free(sam, emb)
             return (masks[:, :1] if self.sigmoid else masks), None
-        cfg = self.auto_prompt
-        coarse = self.prompt_head(emb)
-        points = select_points(coarse, cfg.points, sam.img_size, tuple(images.shape[-2:]))
-        sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
-        fg = foreground_mask(coarse, cfg.threshold)
-        target = target_embedding(emb, fg, coarse) if cfg.semantic else None
-        bias = attention_bias(fg, emb.dtype) if cfg.masked_attention else None
-        masks, _ = decode(sam.mask_decoder, emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, target, bias)
+        masks, coarse = auto_prompt_decode(sam, self.prompt_head, self.auto_prompt, images, emb)
         return (masks[:, :1] if self.sigmoid else masks), coarse
 
     @staticmethod
