@@ -37,8 +37,8 @@ their pixels.
 
 Runtime (measured with ``time`` on 2 CPU cores shared with other jobs, ``--threads 1``, 3 seeds x N in {1, 4},
 7 methods = 37 training runs): about 2 min 55 s on the first run (81 s of it self-pretraining), 95 s with the
-checkpoint cached. With torch's default 2 threads on the same, oversubscribed cores (load average ~5) self-pretraining alone took
-522 s: on a busy machine pass ``--threads 1``.
+checkpoint cached. With torch's default 2 threads on the same, oversubscribed cores (load average ~5)
+self-pretraining alone took 522 s: on a busy machine pass ``--threads 1``.
 
 Known limits (what the measured run shows): the self-pretraining teaches "foreground = the minority Otsu side",
 which is dark in 4 of the 5 source images, so the self-pretrained SAM with no fine-tuning segments the coins'

@@ -33,8 +33,8 @@ def test_warmup_then_polynomial_decay_by_hand():
         pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
 
 
-@pytest.mark.parametrize("kwargs, field", [(dict(warmup_iters=-1), "warmup_iters"), (dict(total_iters=0), "total_iters"),
-                                           (dict(power=0), "power")])
+@pytest.mark.parametrize("kwargs, field", [(dict(warmup_iters=-1), "warmup_iters"),
+                                           (dict(total_iters=0), "total_iters"), (dict(power=0), "power")])
 def test_errors(kwargs, field):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=field):
