@@ -200,24 +200,11 @@ def test_cli_fit_with_automatic_prompting_improves_dice_and_reloads(tmp_path):
     """The MapSAM tiny preset through the CLI: Dice after 3 epochs beats the untrained model's; the adapter directory
     (DoRA, decoder, prompt encoder, prompt generator) reloads into a fresh task with identical logits, and merging the
     DoRA factors leaves them unchanged."""
-    from test_segmentation import REPO, _card, synthetic_segmentation
+    from test_segmentation import fit_preset_improves_dice
 
     from vpeft.datasets.segmentation import SegmentationDataModule
-    from vpeft.modules.lightning_cli import run
 
-    root = tmp_path / "data"
-    synthetic_segmentation(root, 16)
-    common = ["-c", str(REPO / "configs/trainer/cpu.yaml"),
-              "-c", str(REPO / "configs/experiment/sam_mapsam_tiny_cpu.yaml"),
-              "--data.init_args.root", str(root), "--data.init_args.class_map", "{0: 0, 255: 1}",
-              "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-              "--trainer.log_every_n_steps=1"]
-    run(["validate", *common, "--trainer.default_root_dir", str(tmp_path / "untrained")])
-    before = _card(tmp_path / "untrained", "validate")["metrics"]["val/dice"]
-    run(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "fit"), "--trainer.max_epochs=3"])
-    fit = _card(tmp_path / "fit", "fit")
-    after = fit["metrics"]["val/dice"]
-    assert after > before + 0.3 and after > 0.5, (before, after)
+    root, _, fit = fit_preset_improves_dice(tmp_path, "sam_mapsam_tiny_cpu.yaml")
     model_cfg = fit["config"]["model"]
     assert model_cfg.get("init_args", model_cfg)["auto_prompt"]["points"] == 2, model_cfg
     assert "val/prompt_loss" in fit["metrics"]
