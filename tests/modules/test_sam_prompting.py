@@ -200,11 +200,16 @@ def test_cli_fit_with_automatic_prompting_improves_dice_and_reloads(tmp_path):
     """The MapSAM tiny preset through the CLI: Dice after 3 epochs beats the untrained model's; the adapter directory
     (DoRA, decoder, prompt encoder, prompt generator) reloads into a fresh task with identical logits, and merging the
     DoRA factors leaves them unchanged."""
-    from test_segmentation import fit_preset_improves_dice
+    from test_segmentation import _card, fit_preset_improves_dice
 
     from vpeft.datasets.segmentation import SegmentationDataModule
+    from vpeft.modules.lightning_cli import run
 
-    root, _, fit = fit_preset_improves_dice(tmp_path, "sam_mapsam_tiny_cpu.yaml")
+    root, common, fit = fit_preset_improves_dice(tmp_path, "sam_mapsam_tiny_cpu.yaml")
+    # `vpeft test` rebuilds the task (auto_prompt included) from the adapter-only checkpoint.
+    run(["test", *common, "--trainer.default_root_dir", str(tmp_path / "test"), "--ckpt_path",
+         str(next((tmp_path / "fit").rglob("last.ckpt")))])
+    assert _card(tmp_path / "test", "test")["metrics"]["test/dice"] > 0.5
     model_cfg = fit["config"]["model"]
     assert model_cfg.get("init_args", model_cfg)["auto_prompt"]["points"] == 2, model_cfg
     assert "val/prompt_loss" in fit["metrics"]
