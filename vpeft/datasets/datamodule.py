@@ -148,7 +148,47 @@ class EpochSeededSampler(DistributedSampler):
 
 
 # -- the data module -------------------------------------------------------------------------------------------------
-class FewShotDataModule(LightningDataModule):
+class SplitLoaders:
+    """The train / validation / test loaders every vpeft data module shares (a mixin before ``LightningDataModule``).
+
+    The host sets ``train_set``, ``val_set`` and ``test_set`` in ``setup`` and has ``seed``, ``batch_size``,
+    ``eval_batch_size`` and ``num_workers``; :attr:`collate_fn` batches samples (``None``: torch's default). Training
+    batches are shuffled by :class:`EpochSeededSampler` (sharded over the trainer's ranks) and augmented per sample by
+    :class:`SeededAugmentDataset`; evaluation batches keep the split's order. Each loader runs the matching ``setup``
+    stage first when it has not run.
+    """
+
+    collate_fn: Optional[Callable] = None
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled by :class:`EpochSeededSampler`, augmented by :class:`SeededAugmentDataset`."""
+        if self.train_set is None:
+            self.setup("fit")
+        return seeded_train_loader(self.train_set, self.seed, self.batch_size, self.num_workers, self._world(),
+                                   collate_fn=self.collate_fn)
+
+    def _world(self) -> tuple[int, int]:
+        """``(replicas, rank)`` the training sampler shards over (the trainer's)."""
+        return trainer_world(self.trainer)
+
+    def _eval_loader(self, data) -> DataLoader:
+        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=self.collate_fn)
+
+    def val_dataloader(self) -> DataLoader:
+        """The validation split, in order."""
+        if self.val_set is None:
+            self.setup("validate")
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        """The test split, in order: the only way to it (Lightning calls this from ``trainer.test`` alone)."""
+        if self.test_set is None:
+            self.setup("test")
+        return self._eval_loader(self.test_set)
+
+
+class FewShotDataModule(SplitLoaders, LightningDataModule):
     """A registered dataset under CoOp's few-shot protocol, with transforms from the backbone's pretrained config.
 
     Train and validation are sampled with ``vpeft.datasets.fewshot_splits`` (``K`` and ``min(K, 4)`` shots per class
@@ -303,30 +343,6 @@ class FewShotDataModule(LightningDataModule):
         name = f"{self.dataset}_{self.subsample}_{self.shots}shot_seed{self.seed}.json"
         self.manifest_path = record_manifest(self.manifest, self.manifest_hash, self.manifest_dir, self.trainer, name,
                                              f"the sampled {self.dataset} subset")
-
-    def _world(self) -> tuple[int, int]:
-        return trainer_world(self.trainer)
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled by :class:`EpochSeededSampler`, augmented by :class:`SeededAugmentDataset`."""
-        if self.train_set is None:
-            self.setup("fit")
-        return seeded_train_loader(self.train_set, self.seed, self.batch_size, self.num_workers, self._world())
-
-    def _eval_loader(self, data) -> DataLoader:
-        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        """The few-shot validation split (``min(K, 4)`` shots per class)."""
-        if self.val_set is None:
-            self.setup("validate")
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:
-        """The full test split: the only way to it (Lightning calls this from ``trainer.test`` alone)."""
-        if self.test_set is None:
-            self.setup("test")
-        return self._eval_loader(self.test_set)
 
 
 # -- shared by every vpeft data module (few-shot images, segmentation, point clouds) --------------------------------

@@ -46,10 +46,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .base import DatasetSplits, Datum
-from .datamodule import record_manifest, seeded_train_loader, trainer_world
+from .datamodule import SplitLoaders, record_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ except ImportError:  # pragma: no cover - Lightning is optional for the readers
 DATASETS = ("modelnet40", "modelnet10", "scanobjectnn", "modelnet_fewshot")
 
 
-class PointCloudDataModule(LightningDataModule):
+class PointCloudDataModule(SplitLoaders, LightningDataModule):
     """Point-cloud classification data with a seeded validation split carved from training (never from test).
 
     The sampled subsets (training, validation; few-shot: the fold) are described by a manifest written during
@@ -636,23 +636,3 @@ class PointCloudDataModule(LightningDataModule):
         name = f"pointcloud_{self._name()}_val{self.val_fraction}_seed{self.seed}.json"
         self.manifest_path = record_manifest(self.manifest, self.manifest_hash, self.manifest_dir, self.trainer, name,
                                              f"the sampled subsets of {self.root!r}")
-
-    def train_dataloader(self) -> DataLoader:
-        """Seeded shuffle and per-sample augmentation (see ``FewShotDataModule``)."""
-        if self.train_set is None:
-            self.setup("fit")
-        return seeded_train_loader(self.train_set, self.seed, self.batch_size, self.num_workers,
-                                   trainer_world(self.trainer))
-
-    def _eval_loader(self, data) -> DataLoader:
-        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:  # noqa: D102
-        if self.val_set is None:
-            self.setup("validate")
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:  # noqa: D102
-        if self.test_set is None:
-            self.setup("test")
-        return self._eval_loader(self.test_set)

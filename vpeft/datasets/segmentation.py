@@ -45,10 +45,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from .base import DatasetSplits, Datum
-from .datamodule import record_manifest, seeded_train_loader, trainer_world
+from .datamodule import SplitLoaders, record_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ except ImportError:  # pragma: no cover - Lightning is optional for the readers
     LightningDataModule = object  # type: ignore[assignment,misc]
 
 
-class SegmentationDataModule(LightningDataModule):
+class SegmentationDataModule(SplitLoaders, LightningDataModule):
     """Image + mask folders (or Synapse ``.npz`` slices / ``.h5`` volumes), ``shots`` labelled training items,
     SAM-sized inputs.
 
@@ -467,6 +467,8 @@ class SegmentationDataModule(LightningDataModule):
             scores its predictions at the original 512 x 512; HD95 in voxels needs it). Batches then need files of
             one size (true of Synapse).
     """
+
+    collate_fn = staticmethod(collate_segmentation)  # 4-tuples of volume slices too
 
     def __init__(
             self,
@@ -580,24 +582,3 @@ class SegmentationDataModule(LightningDataModule):
         name = f"segmentation_{root}_{self.shots}shot_seed{self.seed}.json"
         self.manifest_path = record_manifest(self.manifest, self.manifest_hash, self.manifest_dir, self.trainer, name,
                                              f"the sampled subset of {self.root!r}")
-
-    def train_dataloader(self) -> DataLoader:
-        """Seeded shuffle and per-sample augmentation (see ``FewShotDataModule``)."""
-        if self.train_set is None:
-            self.setup("fit")
-        return seeded_train_loader(self.train_set, self.seed, self.batch_size, self.num_workers,
-                                   trainer_world(self.trainer), collate_fn=collate_segmentation)
-
-    def _eval_loader(self, data) -> DataLoader:
-        return DataLoader(data, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=collate_segmentation)
-
-    def val_dataloader(self) -> DataLoader:  # noqa: D102
-        if self.val_set is None:
-            self.setup("validate")
-        return self._eval_loader(self.val_set)
-
-    def test_dataloader(self) -> DataLoader:  # noqa: D102
-        if self.test_set is None:
-            self.setup("test")
-        return self._eval_loader(self.test_set)
