@@ -266,3 +266,27 @@ def test_datamodule_volume_train_split_samples_volumes(tmp_path):
     _, y, vid, sid = next(iter(dm.test_dataloader()))
     assert y.shape == (2, 8, 6) and vid.tolist() == [0, 0] and sid.tolist() == [0, 1]  # labels at the files' size
     assert all(i.startswith("train/case") for i, _ in dm.manifest["train"])
+
+
+def test_readers_import_without_lightning():
+    """``import vpeft`` and the segmentation / point-cloud readers work without Lightning (DESIGN section 1); only the
+    data modules need it."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "lightning" or name.startswith("lightning."):
+            raise ImportError("blocked " + name)
+sys.meta_path.insert(0, Block())
+import vpeft
+from vpeft.datasets.pointcloud import PointCloudDataset
+from vpeft.datasets.segmentation import SegmentationDataset, read_segmentation_splits
+from vpeft.metrics import hd95
+assert "lightning" not in sys.modules
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -22,7 +22,7 @@ Layouts read (the files the Point-BERT / Point-MAE repositories point to):
   split, 10 folds. The official folds are pickles; here fold ``f`` is drawn with ``random.Random`` seeded from
   ``(seed, way, shot, f)`` and recorded in the manifest, so it is reproducible but not the official fold.
 
-Augmentations (training; seeded per sample through :class:`~vpeft.datasets.datamodule.SeededAugmentDataset`):
+Augmentations (training; seeded per sample through :class:`~vpeft.datasets._loaders.SeededAugmentDataset`):
 ``scale_translate`` (Point-MAE's ``PointcloudScaleAndTranslate``: per-axis scale in ``[2/3, 3/2]``, per-axis shift in
 ``[-0.2, 0.2]``), ``rotate`` (random rotation about the up axis ``y``), ``dropout`` (PointNet++'s random point
 dropout: up to 87.5% of the points replaced by the first point). Point-MAE's fine-tuning uses ``scale_translate``.
@@ -48,8 +48,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ._loaders import SplitLoaders, record_manifest
 from .base import DatasetSplits, Datum
-from .datamodule import SplitLoaders, record_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ def fewshot_fold(train_labels: Sequence[int], test_labels: Sequence[int], way: i
     Raises:
         ValueError: bad ``way``/``shot``/``fold`` or a class with too few clouds.
     """
-    from .datamodule import mix_seed
+    from ._loaders import mix_seed
 
     for name, v in (("way", way), ("shot", shot), ("test_per_class", test_per_class)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ._loaders import SplitLoaders, record_manifest
 from .base import DatasetSplits, Datum
-from .datamodule import SplitLoaders, record_manifest
 
 logger = logging.getLogger(__name__)
 
