@@ -105,3 +105,17 @@ def test_adapter_family_rows(tmp_path):
     # MoSA at inference is one dense adapter of AdaptFormer's size: the same FLOPs, the same parameter count.
     assert by["mosa"]["infer_flops"] == by["adaptformer"]["infer_flops"]
     assert by["mosa"]["trainable_params"] == by["adaptformer"]["trainable_params"]
+
+
+def test_segmentation_metrics_benchmark_row(capsys):
+    """The HD95 benchmark prints one JSON row whose scores are vpeft.metrics' on the same volumes."""
+    pytest.importorskip("scipy")
+    from benchmarks import segmentation_metrics as seg
+    from vpeft.metrics import case_scores
+
+    row = seg.main(["--depth", "8", "--size", "64", "--repeats", "1"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == row
+    pred, gt = seg.volumes(8, 64)
+    dice, hd = case_scores(pred, gt, 3)
+    assert row["dice"] == [round(float(d), 4) for d in dice] and row["hd95"] == [round(float(h), 4) for h in hd]
+    assert row["hd95_class1_voxels"] == row["hd95"][0] and row["hd95_seconds"] >= 0
