@@ -34,6 +34,10 @@ Deviations from the reference implementation (Xue-Xia/MapSAM):
       and done on the coarse logits at ``img_size``; the released code selects on the full padded square.
     * The prompt generator reads the final image embedding, as the released code does (the paper's text speaks of
       multi-layer embeddings).
+    * MapSAM's preset (``configs/experiment/sam_mapsam_vit_b.yaml``) uses vpeft's DoRA, which follows the DoRA paper
+      and HF peft: one magnitude per output row of each q/v slice and Kaiming-uniform ``A``. The released MapSAM
+      code normalises each slice per input column (``norm(dim=0)`` of the ``(out, in)`` weight) and draws ``A`` from
+      ``N(0, 1/r)``.
     * The hint loss is ``binary_cross_entropy_with_logits`` (the released code applies ``BCELoss`` to a sigmoid,
       numerically the same function), computed over the image area of the low-resolution grid.
 """
