@@ -224,6 +224,42 @@ def test_checkpoint_key_errors_name_the_keys(tiny_pair, tmp_path):
         vpeft.create_backbone("sam:vit_b", pretrained=good, img_size=128, **TINY)
 
 
+def test_resample_pos_embed_loads_another_input_size_like_samed(tiny_pair, tmp_path):
+    """``resample_pos_embed=True`` (SAMed's loader): a 64-px checkpoint loads into a 128-px model with the absolute
+    positional embedding and the global block's relative-position tables resized bilinearly, every other tensor
+    exact; the windowed block's tables (window-sized) are unchanged; other shape differences still fail."""
+    import torch.nn.functional as F
+
+    official, _, _ = tiny_pair
+    sd = official.state_dict()
+    path = str(tmp_path / "sam64.pth")
+    torch.save(sd, path)
+    model = vpeft.create_backbone("sam:vit_b", pretrained=path, img_size=128, resample_pos_embed=True, **TINY)
+    got = model.official_state_dict()
+    pos = sd["image_encoder.pos_embed"]  # (1, 4, 4, C) -> (1, 8, 8, C)
+    want_pos = F.interpolate(pos.permute(0, 3, 1, 2), (8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(got["image_encoder.pos_embed"], want_pos.permute(0, 2, 3, 1), rtol=0, atol=0)
+    for k, v in sd.items():
+        if k == "image_encoder.pos_embed":
+            continue
+        if ".rel_pos_" in k and got[k].shape != v.shape:  # the global block: (2 * 4 - 1) -> (2 * 8 - 1) rows
+            assert v.shape[0] == 7 and got[k].shape == (15, v.shape[1]), k
+            want = F.interpolate(v[None, None], (15, v.shape[1]), mode="bilinear", align_corners=False)[0, 0]
+            torch.testing.assert_close(got[k], want, rtol=0, atol=0)
+        else:
+            assert torch.equal(got[k], v), k
+    with torch.no_grad():
+        out = model(torch.rand(1, 3, 128, 128) * 255)
+    assert out.low_res_masks.shape == (1, 1, 32, 32)
+    with pytest.raises(ValueError, match="resample_pos_embed=True"):
+        vpeft.create_backbone("sam:vit_b", pretrained=path, img_size=128, **TINY)
+    with pytest.raises(ValueError, match="shape mismatches"):  # a wider encoder is not a size change
+        vpeft.create_backbone("sam:vit_b", pretrained=path, img_size=128, resample_pos_embed=True,
+                              **{**TINY, "embed_dim": 32})
+    with pytest.raises(ValueError, match="needs a checkpoint path"):
+        vpeft.create_backbone("sam:vit_b", img_size=128, resample_pos_embed=True, **TINY)
+
+
 @pytest.mark.parametrize("fmt", ["wrapped", "ddp", "safetensors", "timm-encoder-only"])
 def test_other_checkpoint_containers(tiny_pair, tmp_path, fmt):
     """A training script's {"model": ...} wrapper, DDP "module." prefixes and safetensors load the same tensors; an

@@ -316,7 +316,8 @@ def test_vit_b_preset_parses_with_its_own_defaults(tmp_path):
                    auto_configure_optimizers=False, args=argv)
     task, dm = cli.model, cli.datamodule
     assert isinstance(task, SamSegmenter) and isinstance(dm, SegmentationDataModule)
-    assert task.num_classes == 9 and dm.image_size == 1024 and dm.format == "npz"
+    assert task.num_classes == 9 and dm.image_size == 512 and dm.format == "npz"
+    assert task.backbone_kwargs == {"img_size": 512, "resample_pos_embed": True}  # SAMed's input size
     # The task's and data module's own defaults, not the default task's / FewShotDataModule's carried over.
     assert task.trainable_extra == ["mask_decoder", "prompt_encoder"] and dm.shots == 0
     assert [(c.method, c.r, list(c.targets)) for c in task.methods] == [("lora", 4, ["q", "v"])]

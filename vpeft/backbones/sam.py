@@ -50,7 +50,8 @@ Deviations from the official implementation (facebookresearch/segment-anything):
     * :meth:`SamModel.resize_longest_side` resizes by the image's height and width (the official
       ``ResizeLongestSide.apply_image_torch`` reads the batch and channel sizes instead).
     * ``img_size`` may differ from 1024 (the positional embedding, the prompt encoder's embedding size and the mask
-      sizes follow it); official weights fit only ``img_size=1024``.
+      sizes follow it); official weights load at another size with ``resample_pos_embed=True`` (SAMed's bilinear
+      resizing of the absolute positional embedding and of the global blocks' relative-position tables).
 """
 
 from __future__ import annotations
@@ -307,7 +308,7 @@ def build_sam(name: str, img_size: int = 1024, **encoder_kwargs) -> SamModel:
 
 
 def create_sam(name: str, pretrained: Union[bool, str, os.PathLike] = False, img_size: int = 1024,
-               **encoder_kwargs) -> SamModel:
+               resample_pos_embed: bool = False, **encoder_kwargs) -> SamModel:
     """Create SAM ``name`` (``vit_b``, ``vit_l``, ``vit_h``), optionally from the official checkpoint file.
 
     Args:
@@ -315,7 +316,11 @@ def create_sam(name: str, pretrained: Union[bool, str, os.PathLike] = False, img
         pretrained: False (random init) or the path of an official ``sam_vit_*.pth`` file (a ``.safetensors``
             file with the same keys also works). True is refused: the prompt encoder and mask decoder are not on
             timm's hub.
-        img_size: Encoder input size; a checkpoint's positional embeddings fix it (1024 for the official files).
+        img_size: Encoder input size; a checkpoint's positional embeddings fix it (1024 for the official files)
+            unless ``resample_pos_embed``.
+        resample_pos_embed: Load a checkpoint made for another input size (SAMed and MapSAM train the official
+            weights at 512): its absolute positional embedding and the relative-position tables of the global-attention
+            blocks are resized bilinearly (``align_corners=False``) to this ``img_size``, as SAMed's loader does.
         **encoder_kwargs: See :func:`build_sam`.
 
     Raises:
@@ -341,7 +346,10 @@ def create_sam(name: str, pretrained: Union[bool, str, os.PathLike] = False, img
             f"create_backbone('timm:{arch}.sa1b', pretrained=True))")
     model = build_sam(name, img_size=img_size, **encoder_kwargs)
     if path is not None:
-        load_official_checkpoint(model, path)
+        load_official_checkpoint(model, path, resample_pos_embed=resample_pos_embed)
+    elif resample_pos_embed:
+        raise ValueError("resample_pos_embed=True needs a checkpoint path in pretrained (it resizes the file's "
+                         "positional embeddings)")
     return model
 
 
@@ -360,8 +368,30 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_official_checkpoint(model: SamModel, path: str) -> None:
+#: Encoder tensors whose first dimensions follow the input size (resized by ``resample_pos_embed``).
+_SIZE_DEPENDENT = (".pos_embed", ".attn.rel_pos_h", ".attn.rel_pos_w")
+
+
+def _resample(key: str, t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """SAMed's resizing of a positional tensor to the model's ``shape``: bilinear, ``align_corners=False``, on the
+    ``(1, H, W, C)`` grid of ``pos_embed`` or the ``(2S - 1, head_dim)`` table of ``rel_pos_*``."""
+    x = t.float()
+    if key.endswith(".pos_embed"):
+        x = F.interpolate(x.permute(0, 3, 1, 2), shape[1:3], mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
+    else:
+        x = F.interpolate(x[None, None], shape, mode="bilinear", align_corners=False)[0, 0]
+    return x.to(t.dtype).contiguous()
+
+
+def load_official_checkpoint(model: SamModel, path: str, resample_pos_embed: bool = False) -> None:
     """Load an official SAM state dict into ``model``; every key must match (checked before anything loads).
+
+    Args:
+        model: A :class:`SamModel` of the checkpoint's encoder size.
+        path: The checkpoint file.
+        resample_pos_embed: Resize the positional embedding and the relative-position tables when ``model`` has
+            another ``img_size`` than the checkpoint (see :func:`create_sam`); any other shape difference is still an
+            error.
 
     Raises:
         ValueError: missing or unexpected keys, or shape mismatches, named in the official key format.
@@ -373,12 +403,19 @@ def load_official_checkpoint(model: SamModel, path: str) -> None:
     converted = {f"image_encoder.{k}": v for k, v in checkpoint_filter_fn(enc, model.image_encoder).items()}
     converted.update({k: v for k, v in sd.items() if not k.startswith("image_encoder.")})
     want = model.state_dict()
+    if resample_pos_embed:
+        for k, v in want.items():
+            t = converted.get(k)
+            if (t is not None and t.shape != v.shape and k.startswith("image_encoder.")
+                    and k.endswith(_SIZE_DEPENDENT) and t.dim() == v.dim() and t.shape[-1] == v.shape[-1]):
+                converted[k] = _resample(k, t, tuple(v.shape))
     missing = sorted(_to_official(k) for k in want.keys() - converted.keys())
     unexpected = sorted(_to_official(k) for k in converted.keys() - want.keys())
     shapes = [f"{_to_official(k)}: {tuple(converted[k].shape)} in the file, {tuple(v.shape)} in the model"
               for k, v in want.items() if k in converted and converted[k].shape != v.shape]
     if missing or unexpected or shapes:
-        hint = "official files fit img_size=1024 and the encoder size of their name"
+        hint = ("official files fit img_size=1024 (other sizes: resample_pos_embed=True) and the encoder size of "
+                "their name")
         if not enc:
             hint = ("no image_encoder.* key: an image-encoder-only (timm) file loads with "
                     "create_backbone('timm:samvit_base_patch16', pretrained=path) and its size's architecture")

@@ -49,8 +49,9 @@ Binary tasks (``num_classes=2``) use the same ``K``-token softmax by default (SA
 token as a foreground logit (loss: ``Dice + BCE`` on the sigmoid).
 
 Deviations from the reference implementation (hitachinsk/SAMed):
-    * The image encoder keeps its positional embeddings at the official 1024 input (vpeft's SAM loads official weights
-      only at ``img_size=1024``); SAMed interpolates them to 512.
+    * SAMed's 512x512 input is ``backbone_kwargs={"img_size": 512, "resample_pos_embed": True}`` (the presets): the
+      same bilinear resizing of the official positional embedding and global relative-position tables as SAMed's
+      loader. SAMed also feeds images normalised to [0, 1] without SAM's pixel statistics; vpeft keeps SAM's.
     * The decoder's IoU-head hidden layers are kept from the checkpoint (SAMed re-initialises them; they only feed the
       IoU prediction, which no loss reads here).
     * The schedule applies each step's rate one step earlier than SAMed's loop (which sets it after the step).
