@@ -1,4 +1,4 @@
-"""``SamSegmenter``: prompt-free semantic segmentation with SAM (SAMed).
+"""``SamSegmenter``: prompt-free semantic segmentation with SAM (SAMed; MapSAM-style automatic prompting).
 
 SAMed (Kaidong Zhang, Dong Liu, "Customized Segment Anything Model for Medical Image Segmentation",
 arXiv:2304.13785, 2023) turns SAM into a semantic segmenter without prompts: LoRA on the image encoder's ``q`` and
