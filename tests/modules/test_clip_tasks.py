@@ -249,6 +249,9 @@ def test_clip_preset_through_the_cli_parser(path: Path, clip_root, tmp_path):
     task.methods = [dataclasses.replace(c, **{k: v for k, v in SHALLOW.items() if hasattr(c, k)})
                     for c in task.methods]
     task._classnames = list(CLASSES)  # what setup() takes from the data module
+    # Data-dependent presets (R-AMT's mask tuning) calibrate on the data module's training batches, given directly.
+    cli.datamodule.setup("fit")
+    task.calibration_dataloader = cli.datamodule.train_dataloader()
     task.configure_model()
     assert task(torch.randn(2, 3, 32, 32)).shape == (2, len(CLASSES))
     if task.methods:
@@ -332,3 +335,50 @@ def test_data_dependent_methods_calibrate_with_the_clip_loss(cfg, clip_root, tmp
     assert names and all(n.startswith("visual.") for n in names), names
     if isinstance(cfg, vpeft.SPTConfig):
         assert sum(p.numel() for p in task.model.parameters() if p.requires_grad) == 400
+
+
+class _GradientProbe(Callback):
+    """Records, for R-AMT's gradient dropout, each step's task gradient of the score tensors (callbacks' hook runs
+    before the module's), the general-knowledge gradient, the RNG state, and the gradient the optimizer used."""
+
+    def __init__(self) -> None:
+        self.steps = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        pairs = pl_module._general_grads
+        self.steps.append({"task": [p.grad.clone() for p, _ in pairs], "general": [b.clone() for _, b in pairs],
+                           "rng": torch.get_rng_state(), "params": [p for p, _ in pairs]})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps[-1]["used"] = [p.grad.clone() for p in self.steps[-1]["params"]]
+
+
+def test_r_amt_gradient_dropout_drops_conflicting_task_gradients(clip_root, tmp_path):
+    """With ``gradient_dropout`` the score tensors' gradient is R-AMT's: ``drop_gradient(task, general, lambda)``
+    recomputed here from the recorded task and general-knowledge gradients under the same RNG state; lambda = 0 keeps
+    the task gradient; configurations without mask tuning are refused."""
+    from vpeft.methods.mask import drop_gradient
+
+    for lam in (1.0, 0.0):
+        probe = _GradientProbe()
+        task = ClipPromptTask(BACKBONE, methods=[vpeft.MaskTuningConfig(towers=["visual"])],
+                              templates=["a photo of a {}."], init_seed=0, optimizer=sgd(), gradient_dropout=lam)
+        trainer = Trainer(**QUIET, max_steps=2, default_root_dir=str(tmp_path), enable_checkpointing=False,
+                          callbacks=[probe])
+        trainer.fit(task, datamodule=datamodule(clip_root, tmp_path))
+        assert len(probe.steps) == 2
+        for step in probe.steps:
+            torch.set_rng_state(step["rng"])
+            want = [drop_gradient(a, b, lam) for a, b in zip(step["task"], step["general"])]
+            for got, exp, a in zip(step["used"], want, step["task"]):
+                torch.testing.assert_close(got, exp, rtol=0, atol=0)
+                if lam == 0.0:
+                    torch.testing.assert_close(got, a, rtol=0, atol=0)
+        if lam == 1.0:  # some, not all, task gradient entries conflict with the general-knowledge gradient
+            dropped = sum(int(((u == 0) & (a != 0)).sum()) for s in probe.steps for u, a in zip(s["used"], s["task"]))
+            total = sum(int((a != 0).sum()) for s in probe.steps for a in s["task"])
+            assert 0 < dropped < total, (dropped, total)
+    with pytest.raises(ValueError, match="MaskTuningConfig"):
+        ClipPromptTask(BACKBONE, methods=[vpeft.LoraConfig(r=2)], gradient_dropout=1.0)
+    with pytest.raises(ValueError, match="lambda in"):
+        ClipPromptTask(BACKBONE, methods=[vpeft.MaskTuningConfig(towers=["visual"])], gradient_dropout=2.0)

@@ -39,9 +39,10 @@ from torchmetrics.classification import MulticlassAccuracy
 import vpeft
 from vpeft.clip import ClipClassifier, clean_classnames, find_prompt_learner, tokenizer_for
 from vpeft.datasets.templates import resolve_templates
+from vpeft.methods.mask import MaskTuningConfig, drop_gradient, general_knowledge_loss, score_tensors
 from vpeft.methods.promptsrc import GaussianPromptAggregator, PromptSRCConfig, promptsrc_loss
 
-from .base import PeftTask
+from .base import PeftTask, method_configs
 
 #: PromptSRC's template ensemble is the first 60 of CLIP's 80 ImageNet templates (its ``IMAGENET_TEMPLATES``).
 PROMPTSRC_NUM_TEMPLATES = 60
@@ -324,6 +325,12 @@ class ClipPromptTask(_ClipTask):
         grad_checkpointing: See :class:`~vpeft.modules.base.PeftTask`.
         class_chunk: Text rows per text-encoder forward (classes, times templates for template ensembles); bounds
             activation memory with many classes.
+        gradient_dropout: R-AMT's gradient-dropout regularity (Zheng et al., ICCV 2023, arXiv:2307.15049) with this
+            ``lambda`` (the paper's 1.0), for mask tuning (``MaskTuningConfig`` among the methods): each step the
+            score tensors' task gradient is dropped element-wise where it conflicts with the gradient of the
+            general-knowledge loss (distillation from the zero-shot logits of the frozen model,
+            :func:`~vpeft.methods.mask.general_knowledge_loss`), see :func:`~vpeft.methods.mask.drop_gradient`.
+            ``None``: off. Needs ``accumulate_grad_batches=1`` (the two gradients are compared per batch).
     """
 
     def __init__(
@@ -345,9 +352,21 @@ class ClipPromptTask(_ClipTask):
             init_seed: Optional[int] = None,
             grad_checkpointing: bool = False,
             class_chunk: int = 100,
+            gradient_dropout: Optional[float] = None,
     ) -> None:
+        if gradient_dropout is not None:
+            if isinstance(gradient_dropout, bool) or not isinstance(gradient_dropout, (int, float)) \
+                    or not 0.0 <= gradient_dropout <= 1.0:
+                raise ValueError(f"gradient_dropout must be None or a lambda in [0, 1], got {gradient_dropout!r}")
+            configs = method_configs(methods)
+            if (configs or adapter is None) and not any(isinstance(c, MaskTuningConfig) for c in configs):
+                raise ValueError("gradient_dropout is R-AMT's regularity for mask tuning: it needs a MaskTuningConfig "
+                                 "among the methods")
         super().__init__(backbone, methods, trainable_extra, pretrained, backbone_kwargs, adapter, optimizer,
                          lr_scheduler, lr_scheduler_interval, init_seed, grad_checkpointing)
+        self.gradient_dropout = None if gradient_dropout is None else float(gradient_dropout)
+        #: The general-knowledge gradients of the current batch's score tensors (gradient dropout).
+        self._general_grads: Optional[list[tuple[torch.Tensor, Optional[torch.Tensor]]]] = None
         self._init_clip(classnames, templates, template_dataset, num_classes, class_chunk)
         self.source_dataset = source_dataset
         self.metrics: Optional[nn.ModuleDict] = None
@@ -439,8 +458,35 @@ class ClipPromptTask(_ClipTask):
             for name in ("ce", "scl_text", "scl_image", "scl_logits"):
                 self.log(f"train/{name}", parts[name].detach(), on_step=False, on_epoch=True, sync_dist=True,
                          batch_size=len(y))
+        if self.gradient_dropout is not None:
+            self._general_grads = self._general_knowledge_grads(x, logits)
         self._log_step("train", loss, logits, y)
         return loss
+
+    def _general_knowledge_grads(self, x: torch.Tensor, logits: torch.Tensor) -> list:
+        """R-AMT: the gradients of the general-knowledge loss (the zero-shot model as teacher) with respect to the
+        score tensors, kept until :meth:`on_before_optimizer_step` drops the conflicting task gradient."""
+        model = self._require_model()
+        scores = [p for p in score_tensors(model) if p.requires_grad]
+        if not scores:
+            return []
+        with torch.no_grad(), model.disabled():
+            zero_shot = self.classifier()(x)
+        general = general_knowledge_loss(logits, zero_shot)
+        self.log("train/general_loss", general.detach(), on_step=False, on_epoch=True, sync_dist=True,
+                 batch_size=len(x))
+        grads = torch.autograd.grad(general, scores, retain_graph=True, allow_unused=True)
+        return list(zip(scores, grads))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """R-AMT's gradient dropout on the score tensors (after AMP unscaling, before the step)."""
+        if self._general_grads is None:
+            return
+        with torch.no_grad():
+            for p, b in self._general_grads:
+                if p.grad is not None and b is not None:
+                    p.grad = drop_gradient(p.grad, b, self.gradient_dropout)
+        self._general_grads = None
 
     def validation_step(self, batch, batch_idx: int) -> None:  # noqa: D102
         x, y = batch
@@ -478,6 +524,10 @@ class ClipPromptTask(_ClipTask):
     # -- fit lifecycle ---------------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:  # noqa: D102
         self._trained_classnames = self.classnames
+        if self.gradient_dropout is not None and self.trainer.accumulate_grad_batches != 1:
+            raise ValueError(f"gradient_dropout compares the task and general-knowledge gradients of each batch; "
+                             f"accumulate_grad_batches={self.trainer.accumulate_grad_batches} would mix batches "
+                             "(use 1)")
 
     def on_train_start(self) -> None:
         """Set up GPA for PromptSRC over ``trainer.max_epochs`` (restoring a resumed run's aggregate)."""
