@@ -140,7 +140,7 @@ def select_points(coarse: torch.Tensor, k: int, img_size: int,
         pos = flat.topk(k, dim=1).indices
         neg = flat.topk(k, dim=1, largest=False).indices
         idx = torch.cat([pos, neg], dim=1)
-        coords = torch.stack([idx % ww, idx // ww], dim=-1).to(coarse.dtype)
+        coords = torch.stack([idx % ww, idx // ww], dim=-1).float()  # pixel indices: float32 even under AMP
         labels = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)], dim=1)
     return coords, labels
 
