@@ -17,7 +17,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 YAMLS = sorted(CONFIG_DIR.rglob("*.yaml"))
 #: Method presets for point-cloud backbones (built on the tiny Point-MAE; their CLI runs are in
 #: tests/modules/test_pointcloud.py).
-POINT_PRESETS = ("idpt", "point_peft")
+POINT_PRESETS = ("dapt", "idpt", "point_peft")
 
 
 def instantiate(spec: dict):

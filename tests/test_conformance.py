@@ -53,8 +53,9 @@ POINT_ONLY = ("idpt", "point_peft")
 
 
 def supported(method: str, case: Case) -> bool:
-    # VPT and Earth-Adapter need an image tower; text-prompt methods attach to fixed CLIP sites (clip_prompt) and
-    # refuse towers/targets or a backbone without a text tower; every other built-in method applies to all cases.
+    # VPT, Earth-Adapter and DAPT (its prompts) need an image tower; text-prompt methods attach to fixed CLIP sites
+    # (clip_prompt) and refuse towers/targets or a backbone without a text tower; every other built-in method applies
+    # to all cases.
     if is_text_prompt(method):
         return case.name == "clip_prompt"
     # Point-cloud methods need group centres: they refuse every other backbone.
@@ -63,7 +64,7 @@ def supported(method: str, case: Case) -> bool:
     # Earth-Adapter's frequency split needs a 2-D patch grid: it refuses the text tower and point clouds.
     if method == "earth_adapter" and case.name == "point_mae":
         return False
-    return not (method in ("vpt", "earth_adapter") and case.name == "clip_text")
+    return not (method in ("vpt", "earth_adapter", "dapt") and case.name == "clip_text")
 
 
 def perturb(pm: vpeft.PeftModel, seed: int = 0) -> None:

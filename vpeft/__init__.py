@@ -22,6 +22,7 @@ from .methods import (
     CompacterConfig,
     CompLoraConfig,
     CoOpConfig,
+    DAPTConfig,
     DiffFitConfig,
     DoRAConfig,
     EarthAdapterConfig,
@@ -53,7 +54,8 @@ from .methods import (
 from .methods.importers import load_official_prompts
 
 __all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BackboneSpec", "BitFitConfig", "BlockLoraConfig",
-           "ClipClassifier", "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig",
+           "ClipClassifier", "CoCoOpConfig", "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DAPTConfig",
+           "DiffFitConfig",
            "DoRAConfig", "EarthAdapterConfig", "ForwardContext", "IDPTConfig", "IVLPConfig", "LNTuneConfig",
            "LSTConfig", "LoraConfig", "MaPLeConfig", "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig",
            "PeftConfig", "PeftModel", "PointPEFTConfig", "PromptSRCConfig", "SPTConfig", "SSFConfig", "Site",

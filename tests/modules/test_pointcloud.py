@@ -164,7 +164,7 @@ def test_paper_presets_parse_with_their_data_module(tmp_path):
     from vpeft.modules.lightning_cli import VpeftCLI
 
     for name, n_cls, groups in (("point_mae_modelnet40_point_peft", 40, 64), ("point_mae_scanobjectnn_idpt", 15, 128),
-                                ("point_mae_modelnet40_lora", 40, 64)):
+                                ("point_mae_modelnet40_lora", 40, 64), ("point_mae_scanobjectnn_dapt", 15, 128)):
         argv = ["-c", str(REPO / "configs/trainer/cpu.yaml"), "-c", str(REPO / f"configs/pointcloud/{name}.yaml"),
                 "--trainer.logger=false", "--trainer.default_root_dir", str(tmp_path)]
         root = tmp_path / "modelnet"
@@ -180,6 +180,8 @@ def test_paper_presets_parse_with_their_data_module(tmp_path):
         assert isinstance(task, PointCloudClassifier) and isinstance(dm, PointCloudDataModule)
         assert task.num_classes == n_cls and task.backbone_kwargs["num_group"] == groups and task.votes == 10
         assert task.label_smoothing == 0.0 and dm.batch_size == 32
+        if "dapt" in name:  # the official optimiser's extra tensors
+            assert task.trainable_extra == ["cls_token", "cls_pos"] and cli.trainer.gradient_clip_val == 10.0
 
 
 def test_point_peft_memory_bank_is_built_when_fit_starts_and_restored(tmp_path):

@@ -9,6 +9,7 @@ from .cocoop import CoCoOpConfig
 from .comp_lora import CompLoraConfig
 from .compacter import CompacterConfig
 from .coop import CoOpConfig
+from .dapt import DAPTConfig
 from .dora import DoRAConfig
 from .earth_adapter import EarthAdapterConfig
 from .idpt import IDPTConfig
@@ -29,7 +30,8 @@ from .unipt import UniPTConfig
 from .vpt import VPTConfig
 
 __all__ = ["AdaptFormerConfig", "Adapter", "AdapterLayer", "BitFitConfig", "BlockLoraConfig", "CoCoOpConfig",
-           "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DiffFitConfig", "DoRAConfig", "EarthAdapterConfig",
+           "CoOpConfig", "CompLoraConfig", "CompacterConfig", "DAPTConfig", "DiffFitConfig", "DoRAConfig",
+           "EarthAdapterConfig",
            "ForwardContext", "IDPTConfig", "IVLPConfig", "LNTuneConfig", "LSTConfig", "LoraConfig", "MaPLeConfig",
            "MaskTuningConfig", "Method", "MoSAConfig", "NOLAConfig", "PeftConfig", "PeftModel", "PointPEFTConfig",
            "PromptSRCConfig", "SPTConfig", "SSFConfig", "UniPTConfig", "VPTConfig", "calibrate", "get_method",

@@ -245,6 +245,7 @@ def _ensure_builtin() -> None:
         comp_lora,
         compacter,
         coop,
+        dapt,
         dora,
         earth_adapter,
         idpt,
