@@ -133,13 +133,6 @@ class BottleneckAdapter(Adapter):
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return y + self.branch(x)
 
-    def merge(self, layer) -> None:  # noqa: D102
-        raise ValueError(f"{type(self).__name__} at {self.site.path!r} is not mergeable: its branch is nonlinear in "
-                         "the site input and cannot be folded into the backbone weights")
-
-    def unmerge(self, layer) -> None:  # noqa: D102
-        raise ValueError(f"{type(self).__name__} at {self.site.path!r} is never merged")
-
     def extra_repr(self) -> str:
         return f"site={self.site.qualified!r}, scale={self.scale:g}, activation={self.activation!r}"
 

@@ -221,13 +221,6 @@ class DynamicAdapter(Adapter):
             self.ctx.set(_ctx_key(self.key, self.site.tower, "new", self.site.layer), p)
         return y + a
 
-    def merge(self, layer) -> None:  # noqa: D102
-        raise ValueError(f"{type(self).__name__} at {self.site.path!r} is not mergeable: its branch is nonlinear in "
-                         "the site input and cannot be folded into the backbone weights")
-
-    def unmerge(self, layer) -> None:  # noqa: D102
-        raise ValueError(f"{type(self).__name__} at {self.site.path!r} is never merged")
-
     def extra_repr(self) -> str:
         return f"site={self.site.qualified!r}, prompt={self.prompt}"
 
