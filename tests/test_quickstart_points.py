@@ -16,7 +16,7 @@ import vpeft
 from vpeft import quickstart_points as qp
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-EXPECTED = ("untrained + linear probe", "linear probe", "IDPT", "Point-PEFT", "VPT-deep", "LoRA")
+EXPECTED = ("untrained + linear probe", "linear probe", "IDPT", "Point-PEFT", "VPT-deep", "LoRA", "DAPT")
 
 
 def _table_rows(printed: str, shots: list[int]) -> dict[str, tuple[list[tuple[float, float]], int]]:
