@@ -617,25 +617,36 @@ def transfer(todo: Sequence[Method], shots: Sequence[int], seeds: Sequence[int],
     return rows
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The quickstart's command-line options (``vpeft quickstart`` passes its arguments through)."""
-    p = argparse.ArgumentParser(prog="vpeft quickstart", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="out/quickstart",
-                   help="output folder for results.json and the plot (default: %(default)s)")
+def quickstart_parser(prog: str, description: str, out: str, shots: str, fast: str, offline: str, eval_split: str,
+                      methods: str = "run only methods whose name contains one of these",
+                      epilog: Optional[str] = None) -> argparse.ArgumentParser:
+    """The options every quickstart task shares (output, seeds, shots, ``--fast``, cache, evaluation split, method
+    filter, threads); each task adds its own (``--data``, ``--lr``, ...). The arguments are the task's help texts."""
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog)
+    p.add_argument("--out", default=out, help="output folder for results.json and the plot (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 0 1 2; --fast: 0)")
-    p.add_argument("--shots", type=int, nargs="+", default=None,
-                   help="shots per class (default: 1 2 4 8 16; --fast: 1 4)")
-    p.add_argument("--fast", action="store_true", help="tiny network and data subset (tests; numbers mean nothing)")
-    p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "mnist-5k", "digits"],
-                   help="dataset; auto (default) = Fashion-MNIST, else its download, else MNIST-5k, else digits")
-    p.add_argument("--offline", action="store_true", help="never download (skip torchvision's Fashion-MNIST)")
+    p.add_argument("--shots", type=int, nargs="+", default=None, help=shots)
+    p.add_argument("--fast", action="store_true", help=fast)
+    p.add_argument("--offline", action="store_true", help=offline)
     p.add_argument("--cache-dir", default=None, help="vpeft cache (default: $VPEFT_CACHE or ~/.cache/vpeft)")
     p.add_argument("--no-cache", action="store_true", help="self-pretrain again even if a cached checkpoint exists")
-    p.add_argument("--eval-split", default="test", choices=["test", "val"],
-                   help="evaluate on the test subset (default), or on validation images reserved from the training "
-                        "split (for choosing hyper-parameters)")
-    p.add_argument("--methods", nargs="+", default=None, help="run only methods whose name contains one of these")
+    p.add_argument("--eval-split", default="test", choices=["test", "val"], help=eval_split)
+    p.add_argument("--methods", nargs="+", default=None, help=methods)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The quickstart's command-line options (``vpeft quickstart`` passes its arguments through)."""
+    p = quickstart_parser(
+        "vpeft quickstart", __doc__.split("\n")[0], "out/quickstart",
+        shots="shots per class (default: 1 2 4 8 16; --fast: 1 4)",
+        fast="tiny network and data subset (tests; numbers mean nothing)",
+        offline="never download (skip torchvision's Fashion-MNIST)",
+        eval_split="evaluate on the test subset (default), or on validation images reserved from the training split "
+                   "(for choosing hyper-parameters)")
+    p.add_argument("--data", default="auto", choices=["auto", "fashion-mnist", "mnist-5k", "digits"],
+                   help="dataset; auto (default) = Fashion-MNIST, else its download, else MNIST-5k, else digits")
     return p
 
 

@@ -478,25 +478,16 @@ def run_one(method: Method, arch: dict, checkpoint: str, task: Task, k: int, see
 
 def build_parser() -> argparse.ArgumentParser:
     """The point quickstart's command-line options (``vpeft quickstart --task points`` passes them through)."""
-    p = argparse.ArgumentParser(prog="vpeft quickstart --task points", description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="out/quickstart_points",
-                   help="output folder for results.json and the plot (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 0 1 2; --fast: 0)")
-    p.add_argument("--shots", type=int, nargs="+", default=None,
-                   help="shots per class (default: 1 2 4 8; --fast: 1 2)")
-    p.add_argument("--fast", action="store_true", help="tiny network and few clouds (tests; numbers mean nothing)")
+    p = qs.quickstart_parser(
+        "vpeft quickstart --task points", __doc__.split("\n")[0], "out/quickstart_points",
+        shots="shots per class (default: 1 2 4 8; --fast: 1 2)",
+        fast="tiny network and few clouds (tests; numbers mean nothing)",
+        offline="accepted for symmetry with the image quickstart (the synthetic data never needs the network)",
+        eval_split="evaluate on the test draw (default), or on validation clouds reserved from the held-out training "
+                   "draw (for choosing hyper-parameters)",
+        methods="run only methods whose name contains one of these (default: all but full fine-tuning, which runs "
+                "only when named, e.g. --methods probe full IDPT)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data generator (default: 0)")
-    p.add_argument("--offline", action="store_true", help="accepted for symmetry with the image quickstart (the "
-                   "synthetic data never needs the network)")
-    p.add_argument("--cache-dir", default=None, help="vpeft cache (default: $VPEFT_CACHE or ~/.cache/vpeft)")
-    p.add_argument("--no-cache", action="store_true", help="self-pretrain again even if a cached checkpoint exists")
-    p.add_argument("--eval-split", default="test", choices=["test", "val"],
-                   help="evaluate on the test draw (default), or on validation clouds reserved from the held-out "
-                        "training draw (for choosing hyper-parameters)")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="run only methods whose name contains one of these (default: all but full fine-tuning, which "
-                        "runs only when named, e.g. --methods probe full IDPT)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
 

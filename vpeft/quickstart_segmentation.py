@@ -434,24 +434,16 @@ def plot(results: dict, data: SegData, ev: tuple, preds: dict, path: str) -> Non
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options (``vpeft quickstart --task segmentation`` passes its other arguments through)."""
-    p = argparse.ArgumentParser(prog="vpeft quickstart --task segmentation", description=__doc__.split("\n")[0],
-                                epilog=f"Runtime: {MEASURED}")
-    p.add_argument("--out", default="out/quickstart_segmentation",
-                   help="output folder for results.json and the plot (default: %(default)s)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run seeds (default: 0 1 2; --fast: 0)")
-    p.add_argument("--shots", type=int, nargs="+", default=None,
-                   help="labelled 64x64 tiles (default: 1 4; --fast: 1)")
-    p.add_argument("--fast", action="store_true", help="tiny network, few steps (tests; numbers mean nothing)")
+    p = qs.quickstart_parser(
+        "vpeft quickstart --task segmentation", __doc__.split("\n")[0], "out/quickstart_segmentation",
+        shots="labelled 64x64 tiles (default: 1 4; --fast: 1)",
+        fast="tiny network, few steps (tests; numbers mean nothing)",
+        offline="accepted for symmetry; nothing is ever downloaded",
+        eval_split="evaluate on the test region (default) or the validation region (for tuning)",
+        epilog=f"Runtime: {MEASURED}")
     p.add_argument("--data", default="auto", choices=["auto", "skimage", "synthetic"],
                    help="auto (default): scikit-image's bundled images, else the synthetic stand-in")
-    p.add_argument("--offline", action="store_true", help="accepted for symmetry; nothing is ever downloaded")
-    p.add_argument("--cache-dir", default=None, help="vpeft cache (default: $VPEFT_CACHE or ~/.cache/vpeft)")
-    p.add_argument("--no-cache", action="store_true", help="self-pretrain again even if a cached checkpoint exists")
-    p.add_argument("--eval-split", default="test", choices=["test", "val"],
-                   help="evaluate on the test region (default) or the validation region (for tuning)")
-    p.add_argument("--methods", nargs="+", default=None, help="run only methods whose name contains one of these")
     p.add_argument("--lr", type=float, default=None, help="override every method's learning rate (tuning)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 
 
